@@ -1,0 +1,24 @@
+"""``draftstream bench <name> [args]``: run one benchmark module's ``main``.
+
+Every benchmark is a module of this package with a docstring stating its regime, a readable table
+on stdout, and one JSON line last.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "transport": "bench.transport",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in BENCHMARKS:
+        names = ", ".join(sorted(BENCHMARKS))
+        print(f"usage: draftstream bench <{names}> [args...]", file=sys.stderr if argv else sys.stdout)
+        return 2 if argv else 0
+    module = importlib.import_module(BENCHMARKS[argv[0]])
+    return int(module.main(argv[1:]) or 0)
