@@ -11,6 +11,8 @@ import sys
 
 BENCHMARKS = {
     "transport": "bench.transport",
+    "capture": "bench.capture",
+    "trainer": "bench.trainer",
 }
 
 
