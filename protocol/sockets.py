@@ -25,7 +25,15 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from protocol.codec import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Allocator, decode, encode
+from protocol.codec import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_CHUNK_BYTES,
+    MAX_HEADER_BYTES,
+    Allocator,
+    decode,
+    encode,
+)
 from protocol.messages import Message
 
 
@@ -55,6 +63,12 @@ class SocketConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     curve: CurveKeys | None = None
     allow_remote: bool = False
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """ZMQ_MAXMSGSIZE caps each *frame* (ZeroMQ's "message part"); a peer sending a bigger
+        frame is disconnected by libzmq. The total across frames is checked by the decoder."""
+        return max(min(self.max_message_bytes, MAX_CHUNK_BYTES), MAX_HEADER_BYTES)
 
     def __post_init__(self) -> None:
         if self.sndhwm < 0 or self.rcvhwm < 0:
@@ -125,7 +139,7 @@ def make_socket(
         sock.setsockopt(zmq.SNDHWM, config.sndhwm)
         sock.setsockopt(zmq.RCVHWM, config.rcvhwm)
         sock.setsockopt(zmq.LINGER, config.linger_ms)
-        sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + (1 << 20))  # + kind/header frames
+        sock.setsockopt(zmq.MAXMSGSIZE, config.max_frame_bytes)
         if identity is not None:
             sock.setsockopt(zmq.IDENTITY, identity)
         if config.curve is not None:
