@@ -50,6 +50,11 @@ class CreditLedger:
         with self._cond:
             return key in self._held
 
+    def reserved(self, key: Hashable) -> int:
+        """Bytes held for ``key`` (KeyError if none)."""
+        with self._cond:
+            return self._held[key]
+
     def _check_request(self, key: Hashable, nbytes: int) -> None:
         if nbytes < 0:
             raise ValueError(f"cannot reserve a negative amount ({nbytes})")

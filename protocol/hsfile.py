@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Container
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from safetensors.torch import save_file
 HIDDEN_STATES = "hidden_states"
 TOKEN_IDS = "token_ids"
 _NAME = re.compile(r"^hs_(\d+)\.safetensors$")
+_TMP_NAME = re.compile(r"^hs_(\d+)\.safetensors\.tmp")
 
 
 class HiddenStateFileError(ValueError):
@@ -38,10 +40,13 @@ def list_hs_indices(directory: str | os.PathLike) -> list[int]:
     return sorted(int(m.group(1)) for p in Path(directory).iterdir() if (m := _NAME.match(p.name)))
 
 
-def clean_partial_files(directory: str | os.PathLike) -> int:
-    """Remove temporaries left by killed writers; returns how many."""
+def clean_partial_files(directory: str | os.PathLike, *, indices: Container[int] | None = None) -> int:
+    """Remove temporaries left by killed writers; returns how many. With ``indices``, only those
+    of these rows, so a restarted writer leaves its live siblings' temporaries alone."""
     removed = 0
     for p in Path(directory).glob("hs_*.safetensors.tmp*"):
+        if indices is not None and ((m := _TMP_NAME.match(p.name)) is None or int(m.group(1)) not in indices):
+            continue
         p.unlink(missing_ok=True)
         removed += 1
     return removed

@@ -80,6 +80,9 @@ class Hello(Message):
     hidden_size: int
     dtype: str
     vocab_size: int
+    # datasets' fingerprint of the prepared dataset the producer reads rows from ("" = unknown):
+    # a producer with another dataset would send the wrong tokens for every sample id.
+    dataset_fingerprint: str = ""
 
 
 @_register

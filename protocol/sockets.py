@@ -100,6 +100,20 @@ def is_loopback_endpoint(endpoint: str) -> bool:
         return False
 
 
+def rank_endpoints(base: str, rank: int) -> tuple[str, str]:
+    """Control and data endpoints of ``rank``: ``ipc://DIR`` -> ``ipc://DIR/rank{r}-{control,data}.sock``;
+    ``tcp://HOST:PORT`` -> ports PORT+2r and PORT+2r+1."""
+    scheme, _, rest = base.partition("://")
+    if scheme == "ipc":
+        return f"ipc://{rest}/rank{rank}-control.sock", f"ipc://{rest}/rank{rank}-data.sock"
+    if scheme == "tcp":
+        host, _, port = rest.rpartition(":")
+        if not port.isdigit():
+            raise ValueError(f"--stream-endpoint/--connect {base}: tcp endpoints need a base port, e.g. tcp://127.0.0.1:5600")
+        return f"tcp://{host}:{int(port) + 2 * rank}", f"tcp://{host}:{int(port) + 2 * rank + 1}"
+    raise ValueError(f"--stream-endpoint/--connect must be ipc://DIR or tcp://HOST:PORT, got {base!r}")
+
+
 _authenticators: dict[tuple[int, str], ThreadAuthenticator] = {}
 
 

@@ -1,0 +1,294 @@
+"""Producer side of streaming: take grants from trainer ranks, capture, push samples.
+
+::
+
+    trainer rank 0 control (ROUTER) <-- DEALER --+                      +-- PUSH --> rank 0 data (PULL)
+    trainer rank 1 control (ROUTER) <-- DEALER --+-- StreamProducer  ---+-- PUSH --> rank 1 data (PULL)
+                                                     grants -> work queue -> backend.capture()
+
+One thread: it polls the control sockets, keeps a FIFO of granted work, runs the target on a
+batch of granted rows (across grants and ranks, up to the backend's token budget), pushes each
+sample to the data endpoint of the rank that granted it, and reports ``LeaseDone``. Memory on
+the trainer is bounded by its grants; here by the backend's batch and the sockets' HWM.
+
+A rank that restarts answers our messages with ``Error(unknown_producer)`` (or stays silent past
+``trainer_timeout_seconds``): we drop its queued grants, whose leases died with it, and say hello
+again; ZeroMQ reconnects the sockets by itself. The run ends when every rank sent ``EndOfStream``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+import zmq
+
+from producer.backend import CaptureBackend, CaptureRow
+from protocol.codec import DEFAULT_CHUNK_BYTES
+from protocol.messages import (
+    EndOfStream,
+    Error,
+    Grant,
+    Heartbeat,
+    Hello,
+    LeaseDone,
+    LeaseFailed,
+    ProtocolError,
+    Welcome,
+)
+from protocol.sockets import SocketConfig, make_socket, rank_endpoints, recv_message, send_message
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(kw_only=True)
+class StreamClientConfig:
+    producer_id: str
+    connect: list[str]  # --connect: stream endpoint bases of the trainer (ipc://DIR or tcp://HOST:PORT)
+    num_ranks: int = 1  # --num-ranks: trainer ranks behind each base
+    dataset_fingerprint: str = ""
+    max_batch_tokens: int = 8192  # rows captured together, across grants
+    heartbeat_seconds: float = 2.0
+    trainer_timeout_seconds: float = 30.0  # silent rank -> say hello again
+    handshake_timeout_seconds: float = 600.0  # --handshake-timeout: no rank welcomed us by then -> exit
+    send_timeout_seconds: float = 120.0  # a data push blocked this long -> the rank is gone
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    socket: SocketConfig = dataclasses.field(default_factory=lambda: SocketConfig(sndhwm=8, rcvhwm=64))
+
+    def __post_init__(self) -> None:
+        if not self.connect:
+            raise ValueError("--connect needs at least one trainer endpoint")
+        if self.num_ranks < 1:
+            raise ValueError(f"--num-ranks must be >= 1, got {self.num_ranks}")
+        for base in self.connect:
+            rank_endpoints(base, 0)
+
+
+@dataclasses.dataclass
+class _Rank:
+    name: str
+    control_endpoint: str
+    control: zmq.Socket
+    data: zmq.Socket | None = None
+    welcomed: bool = False
+    refused: str = ""
+    done: bool = False
+    last_heard: float = 0.0
+    last_hello: float = 0.0
+
+
+@dataclasses.dataclass
+class _Work:
+    rank: _Rank
+    grant: Grant
+    remaining: collections.deque  # sample ids not yet captured
+    sent: int = 0
+
+
+@dataclasses.dataclass
+class StreamReport:
+    samples: int = 0
+    bytes: int = 0
+    leases: int = 0
+    dropped_leases: int = 0
+    exit_code: int = 0
+
+
+class StreamProducer:
+    """Serve grants from one or several trainer ranks until they all say the run is over."""
+
+    def __init__(
+        self,
+        config: StreamClientConfig,
+        backend: CaptureBackend,
+        row: Callable[[int], CaptureRow],
+        *,
+        stop: threading.Event | None = None,
+    ):
+        self.config = config
+        self.backend = backend
+        self.row = row
+        self.stop = stop or threading.Event()
+        info = backend.describe()
+        self.hello = Hello(
+            producer_id=config.producer_id,
+            target_model=info.target_model,
+            layer_ids=list(info.layer_ids),
+            hidden_size=info.hidden_size,
+            dtype=info.dtype,
+            vocab_size=info.vocab_size,
+            dataset_fingerprint=config.dataset_fingerprint,
+        )
+        self.report = StreamReport()
+        self._work: collections.deque[_Work] = collections.deque()
+
+    def run(self) -> StreamReport:
+        ctx = zmq.Context()
+        ranks: list[_Rank] = []
+        try:
+            for base in self.config.connect:
+                for r in range(self.config.num_ranks):
+                    control_endpoint, _ = rank_endpoints(base, r)
+                    sock = make_socket(ctx, zmq.DEALER, self.config.socket, connect=control_endpoint, identity=self.config.producer_id.encode())
+                    ranks.append(_Rank(name=f"{base}#{r}", control_endpoint=control_endpoint, control=sock))
+            self._serve(ctx, ranks)
+        finally:
+            for rank in ranks:
+                if rank.welcomed and not rank.done:
+                    try:
+                        send_message(rank.control, EndOfStream(reason="producer stopping"), flags=zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+                for sock in (rank.control, rank.data):
+                    if sock is not None:
+                        sock.close(linger=2000)  # flush what was pushed
+            ctx.term()
+        return self.report
+
+    def _serve(self, ctx: zmq.Context, ranks: list[_Rank]) -> None:
+        started = time.monotonic()
+        poller = zmq.Poller()
+        for rank in ranks:
+            poller.register(rank.control, zmq.POLLIN)
+        last_beat = 0.0
+        while not self.stop.is_set():
+            now = time.monotonic()
+            for rank in ranks:
+                stale = rank.welcomed and now - rank.last_heard > self.config.trainer_timeout_seconds
+                if stale:
+                    logger.warning("rank %s silent for %.0fs; saying hello again", rank.name, now - rank.last_heard)
+                    self._forget(rank)
+                if not rank.welcomed and not rank.refused and not rank.done and now - rank.last_hello > 2.0:
+                    if _writable(rank.control):
+                        send_message(rank.control, self.hello, flags=zmq.NOBLOCK)
+                    rank.last_hello = now
+            if all(rank.done or rank.refused for rank in ranks):
+                refused = [r for r in ranks if r.refused]
+                if refused and len(refused) == len(ranks):
+                    logger.error("every trainer rank refused this producer: %s", refused[0].refused)
+                    self.report.exit_code = 2
+                return
+            if not any(r.welcomed for r in ranks) and now - started > self.config.handshake_timeout_seconds:
+                raise TimeoutError(
+                    f"no trainer rank answered within {self.config.handshake_timeout_seconds:.0f}s at "
+                    f"{[r.control_endpoint for r in ranks]}; is the trainer running? (--handshake-timeout)"
+                )
+            if now - last_beat > self.config.heartbeat_seconds:
+                last_beat = now
+                for rank in ranks:
+                    if rank.welcomed and _writable(rank.control):
+                        send_message(rank.control, Heartbeat(sender=self.config.producer_id, time_s=time.time()), flags=zmq.NOBLOCK)
+            events = dict(poller.poll(0 if self._work else 100))
+            for rank in ranks:
+                while rank.control in events:
+                    try:
+                        _, message = recv_message(rank.control, flags=zmq.NOBLOCK, max_message_bytes=1 << 20)
+                    except zmq.Again:
+                        break
+                    except ProtocolError as e:
+                        logger.warning("malformed message from rank %s: %s", rank.name, e)
+                        continue
+                    self._on_control(ctx, rank, message)
+            if self._work:
+                self._capture_some()
+
+    def _forget(self, rank: _Rank) -> None:
+        """The rank restarted or vanished: its leases are void; greet it again."""
+        dropped = [w for w in self._work if w.rank is rank]
+        self._work = collections.deque(w for w in self._work if w.rank is not rank)
+        self.report.dropped_leases += len(dropped)
+        rank.welcomed = False
+        rank.last_hello = 0.0
+
+    def _on_control(self, ctx: zmq.Context, rank: _Rank, message) -> None:
+        rank.last_heard = time.monotonic()
+        if isinstance(message, Welcome):
+            if not message.accepted:
+                rank.refused = message.reason
+                logger.error("rank %s refused us: %s", rank.name, message.reason)
+                return
+            if rank.data is None:
+                rank.data = make_socket(ctx, zmq.PUSH, self.config.socket, connect=message.data_endpoint)
+                rank.data.setsockopt(zmq.SNDTIMEO, int(self.config.send_timeout_seconds * 1000))
+            rank.welcomed = True
+            logger.info("rank %s welcomed us; data -> %s", rank.name, message.data_endpoint)
+        elif isinstance(message, Grant):
+            if rank.welcomed:
+                self._work.append(_Work(rank=rank, grant=message, remaining=collections.deque(message.sample_ids)))
+        elif isinstance(message, EndOfStream):
+            logger.info("rank %s ended the stream: %s", rank.name, message.reason)
+            rank.done = True
+            self._work = collections.deque(w for w in self._work if w.rank is not rank)
+        elif isinstance(message, Error):
+            if message.code == "unknown_producer":
+                self._forget(rank)  # the trainer restarted
+            else:
+                logger.error("rank %s reports %s: %s", rank.name, message.code, message.message)
+
+    def _capture_some(self) -> None:
+        """One backend batch of granted rows, pushed to their ranks; finished leases reported."""
+        rows: list[tuple[_Work, CaptureRow]] = []
+        tokens = 0
+        for work in self._work:
+            while work.remaining:
+                row = self.row(work.remaining[0])
+                if rows and tokens + len(row.input_ids) > self.config.max_batch_tokens:
+                    break
+                work.remaining.popleft()
+                rows.append((work, row))
+                tokens += len(row.input_ids)
+            if work.remaining:
+                break
+        owner = {row.sample_id: work for work, row in rows}
+        try:
+            for sample in self.backend.capture([row for _, row in rows]):
+                work = owner[sample.sample_id]
+                sample.epoch, sample.lease_id = work.grant.epoch, work.grant.lease_id
+                self._push(work, sample)
+        except Exception as e:
+            for work in {id(w): w for w, _ in rows}.values():
+                self._fail(work, f"{type(e).__name__}: {e}")
+            raise
+        while self._work and not self._work[0].remaining and self._work[0].sent == len(self._work[0].grant.sample_ids):
+            work = self._work.popleft()
+            if work.rank.welcomed and _writable(work.rank.control):
+                send_message(work.rank.control, LeaseDone(lease_id=work.grant.lease_id, num_samples=work.sent), flags=zmq.NOBLOCK)
+            self.report.leases += 1
+
+    def _push(self, work: _Work, sample) -> None:
+        rank = work.rank
+        if not rank.welcomed or rank.data is None:
+            return
+        try:
+            send_message(rank.data, sample, chunk_bytes=self.config.chunk_bytes)
+        except zmq.Again:
+            logger.warning("rank %s took no data for %.0fs; dropping its work", rank.name, self.config.send_timeout_seconds)
+            self._forget(rank)
+            return
+        work.sent += 1
+        self.report.samples += 1
+        self.report.bytes += sample.nbytes
+
+    def _fail(self, work: _Work, reason: str) -> None:
+        if work.rank.welcomed and _writable(work.rank.control):
+            ids = list(work.grant.sample_ids)
+            send_message(work.rank.control, LeaseFailed(lease_id=work.grant.lease_id, sample_ids=ids, reason=reason), flags=zmq.NOBLOCK)
+
+
+def _writable(sock: zmq.Socket) -> bool:
+    return bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT)
+
+
+def install_stop_handlers(stop: threading.Event) -> None:
+    """SIGINT/SIGTERM only set the flag; the loop finishes its batch and says goodbye."""
+
+    def handler(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
