@@ -1,0 +1,284 @@
+"""``draftstream produce``: run the target over prepared rows and hand each capture to a sink.
+
+::
+
+    prepared dataset (Arrow)            one producer process (rank R of W)
+      row i, i % W == R  ──────────>  backend: HFCapture            ┌─> SpillSink ── queue ──> SpillWriter thread
+      not yet on disk                   batch ─> forward + hooks ───┤     (bounded)            hs_{i}.safetensors
+                                        Sample(i, token_ids, mask,  └─> (network sink: streaming issue)
+                                               hidden [T, L, H])
+
+The loop (``run_producer``) only knows the ``Sink`` protocol. Spill runs are resumable: indices
+whose ``hs_{i}.safetensors`` is complete are skipped, temporaries of killed writers are removed
+(only this rank's), and ``--validate`` re-reads every file of this rank against the dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from producer.backend import CaptureBackend, CaptureRow, check_layer_ids, default_layer_ids
+from producer.capture import DTYPE_CHOICES
+from producer.sink import Sink
+from protocol.hsfile import HiddenStateFileError, clean_partial_files, hs_path, list_hs_indices, read_hs_file
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("hf", "vllm")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ProduceConfig:
+    model: str
+    data: str
+    spill: str
+    max_samples: int | None = None
+    backend: str = "hf"
+    dtype: str = "auto"
+    device: str = "auto"
+    target_layer_ids: list[int] | None = None
+    max_batch_tokens: int = 8192
+    validate: bool = False
+    world_size: int = 1
+    rank: int = 0
+    skip_nonfinite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend == "vllm":
+            raise ValueError("--backend vllm is not available yet (it arrives with the vLLM connector); use --backend hf")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"--dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"--max-samples must be >= 1, got {self.max_samples}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"--rank must be in [0, --world-size); got rank {self.rank}, world size {self.world_size}")
+        if self.max_batch_tokens < 1:
+            raise ValueError(f"--max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
+
+
+@dataclasses.dataclass
+class ValidationReport:
+    num_ok: int = 0
+    missing: list[int] = dataclasses.field(default_factory=list)
+    bad: dict[int, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.missing and not self.bad
+
+
+@dataclasses.dataclass
+class ProduceReport:
+    num_selected: int = 0
+    num_already_done: int = 0
+    num_captured: int = 0
+    num_tokens: int = 0
+    num_written: int = 0
+    num_skipped_nonfinite: int = 0
+    num_partial_removed: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+    validation: ValidationReport | None = None
+
+    def format(self) -> str:
+        rate = self.num_tokens / self.seconds if self.seconds else 0.0
+        lines = [
+            f"rows for this rank     {self.num_selected}",
+            f"already on disk        {self.num_already_done}  (partial temporaries removed: {self.num_partial_removed})",
+            f"captured               {self.num_captured}  ({self.num_tokens} tokens, {rate:.0f} tokens/s)",
+            f"written                {self.num_written}",
+            f"skipped (NaN/Inf)      {self.num_skipped_nonfinite}",
+        ]
+        if self.stopped_early:
+            lines.append("stopped by a signal before the end: run the same command again to resume")
+        if self.validation is not None:
+            v = self.validation
+            lines.append(f"validated              {v.num_ok} ok, {len(v.missing)} missing, {len(v.bad)} bad")
+            lines += [f"  hs_{i}: {why}" for i, why in sorted(v.bad.items())[:10]]
+            if v.missing:
+                lines.append(f"  missing: {v.missing[:20]}{' ...' if len(v.missing) > 20 else ''}")
+        return "\n".join(lines)
+
+
+def select_indices(num_rows: int, *, max_samples: int | None, world_size: int, rank: int) -> range:
+    """This rank's rows: the first ``max_samples`` rows, those with ``i % world_size == rank``."""
+    end = num_rows if max_samples is None else min(num_rows, max_samples)
+    return range(rank, end, world_size)
+
+
+def iter_rows(dataset, indices: list[int]) -> Iterator[CaptureRow]:
+    """Prepared rows (torch format) as ``CaptureRow``s, ``sample_id`` = dataset row index."""
+    for i, row in zip(indices, dataset.select(indices)):
+        yield CaptureRow(i, row["input_ids"], row["loss_mask"])
+
+
+def run_producer(
+    backend: CaptureBackend,
+    rows: Iterable[CaptureRow],
+    sink: Sink,
+    *,
+    epoch: int = 0,
+    lease_id: int = 0,
+    total: int | None = None,
+    stop: threading.Event | None = None,
+) -> tuple[int, int]:
+    """Feed ``rows`` through ``backend`` into ``sink``; returns (samples, tokens). Stops between
+    samples once ``stop`` is set. Does not close the sink: its owner does."""
+    from tqdm import tqdm
+
+    num_samples = num_tokens = 0
+    with tqdm(total=total, unit="row", desc="capture", dynamic_ncols=True) as bar:
+        for sample in backend.capture(rows, epoch=epoch, lease_id=lease_id):
+            sink.put(sample)
+            num_samples += 1
+            num_tokens += sample.token_ids.shape[0]
+            bar.update(1)
+            if stop is not None and stop.is_set():
+                break
+    return num_samples, num_tokens
+
+
+def _captured_layout(config: ProduceConfig) -> tuple[list[int], int]:
+    """(layer ids, hidden size) from the target's config alone: validation needs no weights."""
+    from transformers import AutoConfig
+
+    target = AutoConfig.from_pretrained(config.model)
+    text = target.get_text_config() if hasattr(target, "get_text_config") else target
+    num_layers = int(text.num_hidden_layers)
+    layer_ids = list(config.target_layer_ids) if config.target_layer_ids else default_layer_ids(num_layers)
+    check_layer_ids(layer_ids, num_layers)
+    return layer_ids, int(text.hidden_size)
+
+
+def validate_spill(directory: str | Path, dataset, indices: Iterable[int], *, num_slots: int, hidden_size: int) -> ValidationReport:
+    """Re-read every file of ``indices``: token ids equal the row's ``input_ids``, shape
+    ``[T, num_slots, hidden_size]``, all finite."""
+    from tqdm import tqdm
+
+    report = ValidationReport()
+    present = set(list_hs_indices(directory))
+    indices = list(indices)
+    for i in tqdm(indices, unit="file", desc="validate", dynamic_ncols=True):
+        if i not in present:
+            report.missing.append(i)
+            continue
+        try:
+            _, hidden_TLH = read_hs_file(hs_path(directory, i), expected_token_ids=dataset[i]["input_ids"])
+            if tuple(hidden_TLH.shape[1:]) != (num_slots, hidden_size):
+                raise HiddenStateFileError(
+                    f"hidden_states {tuple(hidden_TLH.shape)}, expected [T, {num_slots}, {hidden_size}]"
+                )
+        except HiddenStateFileError as e:
+            report.bad[i] = str(e)
+            continue
+        report.num_ok += 1
+    return report
+
+
+def produce(config: ProduceConfig, *, stop: threading.Event | None = None) -> ProduceReport:
+    """Spill run: capture this rank's missing rows into ``config.spill``, then optionally validate."""
+    import datasets
+
+    from producer.capture import CaptureConfig, HFCapture
+    from producer.spill import SpillConfig, SpillSink
+
+    dataset = datasets.load_from_disk(config.data)
+    if not {"input_ids", "loss_mask"} <= set(dataset.column_names):
+        raise ValueError(f"--data {config.data} is not a prepared dataset (run `draftstream prepare` first)")
+    dataset.set_format("torch", columns=["input_ids", "loss_mask"])
+    layer_ids, hidden_size = _captured_layout(config)
+    spill = Path(config.spill)
+    spill.mkdir(parents=True, exist_ok=True)
+
+    report = ProduceReport()
+    selected = select_indices(len(dataset), max_samples=config.max_samples, world_size=config.world_size, rank=config.rank)
+    report.num_selected = len(selected)
+    report.num_partial_removed = clean_partial_files(spill, indices=selected)
+    done = set(list_hs_indices(spill))
+    todo = [i for i in selected if i not in done]
+    report.num_already_done = report.num_selected - len(todo)
+    log.info("%d rows for this rank, %d already on disk, %d to capture", len(selected), report.num_already_done, len(todo))
+
+    sink = None
+    if todo:
+        start = time.perf_counter()
+        backend = HFCapture(
+            CaptureConfig(
+                model=config.model,
+                dtype=config.dtype,
+                device=config.device,
+                layer_ids=layer_ids,
+                max_batch_tokens=config.max_batch_tokens,
+            )
+        )
+        log.info("target: %s", backend.describe())
+        sink = SpillSink(SpillConfig(directory=str(spill), skip_nonfinite=config.skip_nonfinite))
+        try:
+            report.num_captured, report.num_tokens = run_producer(
+                backend, iter_rows(dataset, todo), sink, total=len(todo), stop=stop
+            )
+        finally:
+            try:
+                sink.close()
+            finally:
+                backend.close()
+        report.seconds = time.perf_counter() - start
+        report.num_written = sink.stats.num_written
+        report.num_skipped_nonfinite = sink.stats.num_skipped_nonfinite
+        report.stopped_early = report.num_captured < len(todo)
+
+    if config.validate:
+        report.validation = validate_spill(spill, dataset, selected, num_slots=len(layer_ids), hidden_size=hidden_size)
+        # Rows skipped on purpose (--skip-nonfinite) have no file: that is not a validation failure.
+        skipped = set(sink.stats.skipped_nonfinite_ids) if sink is not None else set()
+        report.validation.missing = [i for i in report.validation.missing if i not in skipped]
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="draftstream produce", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="target model: local folder or hub id")
+    parser.add_argument("--data", required=True, help="prepared dataset folder (draftstream prepare --output)")
+    parser.add_argument("--spill", required=True, help="folder for hs_{i}.safetensors files")
+    parser.add_argument("--max-samples", type=int, default=None, help="only the first N rows of the dataset")
+    parser.add_argument("--backend", default="hf", choices=BACKENDS, help="capture backend (vllm: not available yet)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="target dtype (auto: the checkpoint's)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--target-layer-ids", type=int, nargs="+", default=None, help="layer ids to capture (default: 2 N//2 N-3 N)"
+    )
+    parser.add_argument("--max-batch-tokens", type=int, default=8192, help="padded tokens per forward (default 8192)")
+    parser.add_argument("--validate", action="store_true", help="re-read and check every file of this rank at the end")
+    parser.add_argument("--world-size", type=int, default=1, help="number of producer processes sharing the rows")
+    parser.add_argument("--rank", type=int, default=0, help="this producer's rank: takes rows with i %% world-size == rank")
+    parser.add_argument("--skip-nonfinite", action="store_true", help="skip and count rows with NaN/Inf instead of failing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s producer-{args.rank} %(levelname)s %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        report = produce(ProduceConfig(**vars(args)), stop=stop)
+    except ValueError as e:
+        print(f"draftstream produce: error: {e}", file=sys.stderr)
+        return 1
+    print(report.format())
+    failed = report.validation is not None and not report.validation.passed
+    return 1 if failed or report.stopped_early else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
