@@ -1,0 +1,146 @@
+"""`draftstream train` end to end on hidden-state files captured from the tiny target: the SPEC
+checkpoint layout, the speculators tutorials' Step 5 command lines, automatic resume,
+--from-pretrained, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from protocol.hsfile import hs_path
+from tests.trainer.offline_data import offline_dataset  # noqa: F401 - fixture
+from trainer import checkpoint as ckpt
+from trainer.accounting import read_accounting
+from trainer.train import build_parser, main
+
+# Step 5 of the speculators offline tutorials (Eagle-3 with Llama-3.1-8B, P-EAGLE with Qwen3-8B),
+# single GPU and torchrun FSDP, with `scripts/train.py` as the program. Paths and the draft vocab
+# size get tiny values below; every flag stays as written.
+EAGLE3_STEP5 = """--verifier-name-or-path meta-llama/Llama-3.1-8B-Instruct --data-path ./output
+  --hidden-states-path ./output/hidden_states --save-path ./output/checkpoints --draft-vocab-size 32000
+  --epochs 5 --lr 1e-4 --total-seq-len 8192 --on-missing raise"""
+PEAGLE_STEP5 = """--verifier-name-or-path Qwen/Qwen3-8B --data-path ./output/peagle_qwen3_8b_sharegpt
+  --hidden-states-path ./output/peagle_qwen3_8b_sharegpt/hidden_states
+  --save-path ./output/peagle_qwen3_8b_sharegpt/checkpoints --speculator-type peagle --num-layers 4
+  --num-depths 4 --down-sample-ratio 0.7 --down-sample-ratio-min 0.2 --no-norm-before-residual
+  --scheduler-type cosine --epochs 5 --lr 6e-4 --total-seq-len 4096 --on-missing raise"""
+TORCHRUN = "torchrun --standalone --nproc_per_node 2 scripts/train.py "
+
+
+def _tiny(command: str, offline, save) -> list[str]:
+    model, data, hs = offline
+    values = {"--verifier-name-or-path": str(model), "--data-path": str(data), "--hidden-states-path": str(hs),
+              "--save-path": str(save), "--draft-vocab-size": "256"}  # fmt: skip
+    argv = shlex.split(command)
+    return [values.get(argv[i - 1], a) if i else a for i, a in enumerate(argv)] + ["--no-progress"]
+
+
+def _flags(offline, save, *extra):
+    model, data, hs = offline
+    return ["--verifier-name-or-path", str(model), "--data-path", str(data), "--hidden-states-path", str(hs),
+            "--save-path", str(save), "--draft-vocab-size", "256", "--epochs", "2", "--lr", "1e-3",
+            "--total-seq-len", "96", "--no-progress", *extra]  # fmt: skip
+
+
+def test_train_writes_the_spec_checkpoint_layout(offline_dataset, tmp_path):
+    save = tmp_path / "ckpt"
+    assert main(_flags(offline_dataset, save)) == 0
+    for epoch in ("0", "1"):
+        names = {p.name for p in (save / epoch).iterdir()}
+        assert {"config.json", "model.safetensors", "optimizer_state_dict.pt", "scheduler_state_dict.pt",
+                ckpt.TRAINING_STATE_FILE, ckpt.MASTER_WEIGHTS_FILE, "rng_state_0.pt"} <= names  # fmt: skip
+    best = save / ckpt.BEST_LINK
+    assert best.is_symlink() and os.readlink(best) in ("0", "1")  # relative, to an epoch folder
+    state = ckpt.read_training_state(best)
+    assert state["val_history"][os.readlink(best)] == min(state["val_history"].values())
+    config = json.loads((save / "1" / "config.json").read_text())
+    assert config["speculators_model_type"] == "eagle3" and config["draft_vocab_size"] == 256
+    tensors = load_file(str(save / "1" / "model.safetensors"))
+    assert tensors["fc.weight"].dtype == torch.bfloat16 and tensors["d2t"].dtype == torch.int64
+    for name in ("optimizer_state_dict.pt", "scheduler_state_dict.pt", ckpt.TRAINING_STATE_FILE):
+        torch.load(save / "1" / name, weights_only=True)  # plain tensors and containers only
+    assert not (save / ckpt.MID_EPOCH_NAME).exists()
+    log = [json.loads(line) for line in (save / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if r["kind"] == "val"] == [0, 1]
+
+
+def test_a_finished_run_started_again_trains_nothing_more(offline_dataset, tmp_path):
+    save = tmp_path / "ckpt"
+    assert main(_flags(offline_dataset, save, "--max-steps", "5")) == 0
+    records = read_accounting(save)
+    assert len(records) == 5
+    assert main(_flags(offline_dataset, save, "--max-steps", "5")) == 0
+    assert read_accounting(save) == records
+    # A larger --max-steps continues from the saved cursor.
+    assert main(_flags(offline_dataset, save, "--max-steps", "7")) == 0
+    assert [r["global_step"] for r in read_accounting(save)] == list(range(1, 8))
+
+
+@pytest.mark.parametrize("command", [EAGLE3_STEP5, PEAGLE_STEP5], ids=["eagle3", "peagle"])
+def test_tutorial_step5_command_runs_unchanged(offline_dataset, tmp_path, command):
+    save = tmp_path / "ckpt"
+    assert main(_tiny(command, offline_dataset, save)) == 0
+    config = json.loads((save / "4" / "config.json").read_text())
+    if "peagle" in command:
+        assert config["speculators_model_type"] == "peagle" and config["norm_before_residual"] is False
+        assert config["transformer_layer_config"]["num_hidden_layers"] == 4
+        assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 4
+    else:
+        assert config["speculators_model_type"] == "eagle3"
+
+
+@pytest.mark.parametrize("command", [EAGLE3_STEP5, PEAGLE_STEP5], ids=["eagle3", "peagle"])
+def test_tutorial_torchrun_command_lines_parse(command):
+    argv = shlex.split(TORCHRUN + command)
+    args = build_parser().parse_args(argv[argv.index("scripts/train.py") + 1 :])
+    assert args.on_missing == "raise" and args.epochs == 5
+
+
+def test_target_layer_ids_take_three_or_four_ids(offline_dataset, tmp_path):
+    assert main(_flags(offline_dataset, tmp_path / "a", "--target-layer-ids", "2", "2", "1", "4", "--max-steps", "1")) == 0
+    config = json.loads((tmp_path / "a" / "0" / "config.json").read_text())
+    assert config["eagle_aux_hidden_state_layer_ids"] == [2, 2, 1]
+    assert main(_flags(offline_dataset, tmp_path / "b", "--target-layer-ids", "1", "2", "3", "5")) == 2
+
+
+def test_from_pretrained_starts_from_the_saved_weights(offline_dataset, tmp_path):
+    first = tmp_path / "first"
+    assert main(_flags(offline_dataset, first, "--max-steps", "3")) == 0
+    tuned = tmp_path / "tuned"
+    assert main(_flags(offline_dataset, tuned, "--from-pretrained", str(first / "0"), "--max-steps", "1",
+                       "--lr", "1e-12", "--noise-std", "0")) == 0  # fmt: skip
+    a = load_file(str(first / "0" / "model.safetensors"))
+    b = load_file(str(tuned / "0" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name)
+    assert ckpt.read_training_state(tuned / "0")["global_step"] == 1
+
+
+def test_missing_hidden_states_fail_before_training(offline_dataset, tmp_path, caplog):
+    model, data, hs = offline_dataset
+    local = tmp_path / "hs"
+    local.mkdir()
+    for p in hs.iterdir():
+        (local / p.name).symlink_to(p)
+    hs_path(local, 7).unlink()
+    argv = _flags((model, data, local), tmp_path / "ckpt")
+    assert main(argv) == 2
+    assert "--on-missing" in caplog.text and "hs_7.safetensors" in caplog.text
+    assert main([*argv, "--on-missing", "skip", "--max-steps", "2"]) == 0
+    trained = {sid for r in read_accounting(tmp_path / "ckpt") for sid in r["sample_ids"]}
+    assert 7 not in trained
+
+
+def test_usage_errors_name_the_flag(offline_dataset, tmp_path, caplog):
+    assert main(_flags(offline_dataset, tmp_path / "c", "--lr", "0")) == 2
+    assert "--lr" in caplog.text
+    model, data, _ = offline_dataset
+    assert main(_flags((model, data, tmp_path / "nowhere"), tmp_path / "d")) == 2
+    assert "--hidden-states-path" in caplog.text
+    with pytest.raises(SystemExit):
+        main(["--data-path", str(data)])  # no --verifier-name-or-path

@@ -1,0 +1,34 @@
+"""Draft losses and acceptance metrics, shared by Eagle-3 and P-EAGLE.
+
+The training signal is the verifier's distribution over the draft vocabulary. ``kl_div`` is the
+forward KL(target || draft) per position (the speculators default); ``ce`` is cross-entropy on
+the verifier's argmax. Losses are computed on the supervised positions only (selected, never
+multiplied by a zero mask), and their mean over an empty selection is 0, so an empty or fully
+padded batch yields a zero loss, never NaN.
+
+Shape letters: X positions or elements, D draft vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def per_position_loss(logits_XD: torch.Tensor, target_logits_XD: torch.Tensor, loss_fn: str) -> torch.Tensor:
+    """[X] fp32 divergence of the draft from the verifier at each position."""
+    log_q_XD = F.log_softmax(logits_XD.float(), dim=-1)
+    if loss_fn == "ce":
+        return -log_q_XD.gather(-1, target_logits_XD.argmax(-1, keepdim=True)).squeeze(-1)
+    log_p_XD = F.log_softmax(target_logits_XD.float(), dim=-1)
+    return (log_p_XD.exp() * (log_p_XD - log_q_XD)).sum(-1)
+
+
+def mean_over(values_X: torch.Tensor) -> torch.Tensor:
+    """Mean over the supervised positions already selected; 0 (still in the graph) when none."""
+    return values_X.sum() / max(values_X.shape[0], 1)
+
+
+def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """A detached fp32 rate; 0 when nothing was counted."""
+    return (numerator.float() / denominator.float().clamp(min=1)).detach()

@@ -1,0 +1,245 @@
+"""``draftstream train``: train an Eagle-3 / P-EAGLE draft from hidden-state files, in one process
+or under ``torchrun`` with FSDP2.
+
+Flag names are the speculators trainer's where the meaning is the same, so its tutorial command
+lines run with only the program name changed::
+
+    draftstream train --verifier-name-or-path M --data-path ./output \\
+        --hidden-states-path ./output/hidden_states --save-path ./output/checkpoints \\
+        --draft-vocab-size 32000 --epochs 5 --lr 1e-4 --total-seq-len 8192 --on-missing raise
+    torchrun --standalone --nproc_per_node 2 $(which draftstream) train ...same flags...
+    torchrun --standalone --nproc_per_node 2 -m trainer.train ...same flags...
+
+``--target-layer-ids`` takes the three auxiliary ids, or four with the last layer id N at the end
+(what the producer captured); default ``2 N//2 N-3``. The run resumes on its own from the latest
+checkpoint in ``--save-path`` (``--no-resume-from-checkpoint`` to start over); ``--from-pretrained``
+starts from a saved draft's weights with a fresh optimizer.
+
+Exit status: 0 when training completed (or ``--max-steps`` was reached), 2 for a usage or data
+error found before training, 128 + signal number (130 SIGINT, 143 SIGTERM) when a signal stopped
+the run after writing ``<save-path>/latest/`` (run the same command to continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("trainer.train")
+
+_DRAFT_OVERRIDES = ("ttt_step_loss_decay", "down_sample_ratio", "down_sample_ratio_min", "max_anchors", "loss_fn",
+                    "attention_backend")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="draftstream train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    g = p.add_argument_group("model")
+    g.add_argument("--verifier-name-or-path", required=True, help="local directory of the target (verifier) model")
+    g.add_argument("--speculator-type", default="eagle3", choices=["eagle3", "peagle"])
+    g.add_argument("--from-pretrained", default="", help="a saved draft to fine-tune (fresh optimizer)")
+    g.add_argument("--num-layers", type=int, default=1, help="draft decoder layers")
+    g.add_argument("--draft-arch", default=None, choices=["llama", "qwen3"], help="default: the verifier's family")
+    g.add_argument("--draft-vocab-size", type=int, default=None, help="default: the verifier's vocabulary")
+    g.add_argument("--token-freq-path", default=None, help="default: <data-path>/token_freq.pt")
+    g.add_argument("--target-layer-ids", type=int, nargs="+", default=None,
+                   help="3 aux ids, or 4 with the last layer N; default 2 N//2 N-3")  # fmt: skip
+    g.add_argument("--norm-before-residual", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--norm-before-fc", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--fc-norm", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--norm-output", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--embed-requires-grad", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--ttt-steps", type=int, default=None, help="Eagle-3 training-time-test steps (default 3)")
+    g.add_argument("--ttt-step-loss-decay", type=float, default=None)
+    g.add_argument("--num-depths", type=int, default=None, help="P-EAGLE parallel depths (default 8)")
+    g.add_argument("--down-sample-ratio", type=float, default=None, help="P-EAGLE COD ratio r (default 0.7)")
+    g.add_argument("--down-sample-ratio-min", type=float, default=None, help="P-EAGLE COD floor (default 0.2)")
+    g.add_argument("--max-anchors", type=int, default=None, help="P-EAGLE COD seeds per batch (default 512)")
+    g.add_argument("--mask-token-id", type=int, default=None, help="P-EAGLE mask token (default: resolved)")
+    g.add_argument("--loss-fn", default=None, choices=["kl_div", "ce"])
+    g.add_argument("--attention-backend", default=None, choices=["auto", "sdpa", "flex"])
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", default="./data", help="prepared dataset (draftstream prepare output)")
+    g.add_argument("--hidden-states-path", default=None, help="hs_{i}.safetensors files; default <data-path>/hidden_states")
+    g.add_argument("--on-missing", default="raise", choices=["raise", "skip", "warn"],
+                   help="a missing/unreadable hidden-state file: stop, or leave the sample out (warn: with a warning)")  # fmt: skip
+    split = g.add_mutually_exclusive_group()
+    split.add_argument("--val-ratio", type=float, default=None, help="fraction of rows held out for validation (default 0.1)")
+    split.add_argument("--train-data-ratio", type=float, default=None, help="1 - --val-ratio (speculators' name)")
+    g.add_argument("--total-seq-len", type=int, default=8192, help="tokens per packed batch per rank")
+    g.add_argument("--noise-std", type=float, default=0.05, help="uniform noise [-std, std) on aux states, training only")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--save-path", default="./checkpoints")
+    g.add_argument("--epochs", type=int, default=20)
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--muon-lr", type=float, default=None, help="default 10 x --lr")
+    g.add_argument("--muon-momentum", type=float, default=0.95)
+    g.add_argument("--muon-weight-decay", type=float, default=0.1)
+    g.add_argument("--scheduler-type", default="linear", choices=["linear", "cosine", "none"])
+    g.add_argument("--scheduler-warmup-steps", "--warmup-steps", dest="warmup_steps", type=int, default=None)
+    g.add_argument("--scheduler-warmup-ratio", "--warmup-ratio", dest="warmup_ratio", type=float, default=None)
+    g.add_argument("--scheduler-num-cosine-cycles", dest="num_cosine_cycles", type=float, default=0.5)
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    g.add_argument("--grad-accum-steps", type=int, default=1, help="batches per rank per optimizer step")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda (cuda:LOCAL_RANK under torchrun)")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA, fp32 on CPU")
+
+    g = p.add_argument_group("checkpoints and logs")
+    g.add_argument("--checkpoint-freq", type=int, default=1, help="epochs between epoch checkpoints")
+    g.add_argument("--save-every-steps", type=int, default=0, help="also write <save-path>/latest/ every N steps")
+    g.add_argument("--save-best", action="store_true", help="accepted for speculators compatibility; checkpoint_best is always kept")
+    g.add_argument("--no-resume-from-checkpoint", action="store_true", help="ignore checkpoints already in --save-path")
+    g.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    g.add_argument("--tracker", "--logger", dest="tracker", default="none", choices=["none", "tensorboard", "wandb"])
+    g.add_argument("--log-dir", default=None, help="tracker directory; default <save-path>/logs")
+    g.add_argument("--run-name", default=None)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def resolve_aux_layer_ids(layer_ids: list[int] | None, num_target_layers: int) -> list[int]:
+    n = num_target_layers
+    if layer_ids is None:
+        return [2, n // 2, n - 3]
+    if len(layer_ids) == 4:
+        if layer_ids[-1] != n:
+            raise ValueError(f"--target-layer-ids: with 4 ids the last must be the last layer id {n}, got {layer_ids}")
+        layer_ids = layer_ids[:3]
+    if len(layer_ids) != 3:
+        raise ValueError(f"--target-layer-ids takes 3 auxiliary ids (or 4 ending with {n}), got {layer_ids}")
+    bad = [i for i in layer_ids if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"--target-layer-ids {layer_ids}: ids must be in [0, {n})")
+    return list(layer_ids)
+
+
+def _draft_kwargs(args: argparse.Namespace) -> dict:
+    names = ("num_layers", "draft_vocab_size", "ttt_steps", "ttt_step_loss_decay", "num_depths", "down_sample_ratio",
+             "down_sample_ratio_min", "max_anchors", "mask_token_id", "norm_before_residual", "norm_before_fc",
+             "fc_norm", "norm_output", "embed_requires_grad", "draft_arch", "loss_fn", "attention_backend")  # fmt: skip
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def _val_ratio(args: argparse.Namespace) -> float:
+    if args.train_data_ratio is not None:
+        return 1.0 - args.train_data_ratio
+    return 0.1 if args.val_ratio is None else args.val_ratio
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from trainer import checkpoint as ckpt
+    from trainer.data import FileSampleSource, PreparedDataset, split_train_val
+    from trainer.distributed import broadcast_ids, close_distributed, init_distributed, shard_model
+    from trainer.draft import DraftConfig, build_draft, load_draft, save_draft
+    from trainer.logging_setup import setup_logging
+    from trainer.loop import LoopConfig, Trainer, make_filler_batch
+    from trainer.verifier import read_verifier_config
+
+    try:
+        env = init_distributed(args.device)
+    except ValueError as e:
+        print(f"draftstream train: error: {e}", file=sys.stderr)
+        return 2
+    setup_logging(role="trainer", rank=env.rank)
+    try:
+        try:
+            loop_config = LoopConfig(
+                save_path=args.save_path, epochs=args.epochs, lr=args.lr, max_steps=args.max_steps,
+                total_seq_len=args.total_seq_len, seed=args.seed, optimizer=args.optimizer,
+                weight_decay=args.weight_decay, muon_lr=args.muon_lr, muon_momentum=args.muon_momentum,
+                muon_weight_decay=args.muon_weight_decay, scheduler_type=args.scheduler_type,
+                warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio,
+                num_cosine_cycles=args.num_cosine_cycles, max_grad_norm=args.max_grad_norm,
+                grad_accum_steps=args.grad_accum_steps, noise_std=args.noise_std, log_every=args.log_every,
+                checkpoint_freq=args.checkpoint_freq, save_every_steps=args.save_every_steps,
+                precision=args.precision, tracker=args.tracker, log_dir=args.log_dir, run_name=args.run_name,
+                progress=not args.no_progress,
+            )  # fmt: skip
+            verifier_config = read_verifier_config(args.verifier_name_or_path)
+            aux_ids = resolve_aux_layer_ids(args.target_layer_ids, int(verifier_config["num_hidden_layers"]))
+            hidden = int(verifier_config["hidden_size"])
+
+            dataset = PreparedDataset(args.data_path)
+            hs_dir = args.hidden_states_path or str(Path(args.data_path) / "hidden_states")
+            source = FileSampleSource(dataset, hs_dir, on_missing=args.on_missing)
+            train_ids, val_ids = split_train_val(len(dataset), val_ratio=_val_ratio(args), seed=args.seed)
+            if env.is_main:
+                train_ids, val_ids = source.available(train_ids), source.available(val_ids)
+            train_ids, val_ids = broadcast_ids(train_ids, env), broadcast_ids(val_ids, env)
+            if not train_ids:
+                raise ValueError(f"no training samples with hidden-state files in {hs_dir}")
+            (_, num_captured, file_hidden), hs_dtype = source.peek(train_ids[0])
+            if num_captured != len(aux_ids) + 1 or file_hidden != hidden:
+                raise ValueError(
+                    f"{hs_dir}: files hold [T, {num_captured}, {file_hidden}] hidden states; the draft needs "
+                    f"[T, {len(aux_ids) + 1}, {hidden}] (3 aux layers + the last; check --target-layer-ids)"
+                )
+
+            torch.manual_seed(args.seed)  # every rank builds the same initial weights
+            draft_kwargs = _draft_kwargs(args)
+            overrides = {k: v for k, v in draft_kwargs.items() if k in _DRAFT_OVERRIDES}
+            resume_dir = None if args.no_resume_from_checkpoint else ckpt.find_resume_checkpoint(args.save_path)
+            if resume_dir is not None:
+                model = load_draft(resume_dir, verifier_name_or_path=args.verifier_name_or_path, **overrides)
+                ckpt.load_master_weights(model, resume_dir)
+            elif args.from_pretrained:
+                logger.info("fine-tuning from %s", args.from_pretrained)
+                model = load_draft(args.from_pretrained, verifier_name_or_path=args.verifier_name_or_path, **overrides)
+            else:
+                config = DraftConfig(speculator_type=args.speculator_type, verifier_name_or_path=args.verifier_name_or_path,
+                                     aux_layer_ids=aux_ids, **draft_kwargs)  # fmt: skip
+                model = build_draft(config, _token_freq(args))
+            if list(model.config.aux_layer_ids) != aux_ids:
+                raise ValueError(
+                    f"the draft was trained on aux layers {model.config.aux_layer_ids}, the files/flags say {aux_ids}"
+                )
+        except ValueError as e:
+            logger.error("%s", e)
+            return 2
+
+        bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
+        model = shard_model(model, env, bf16=bf16)
+        trainer = Trainer(
+            model=model, config=loop_config, env=env, train_source=source, train_ids=train_ids,
+            val_ids=val_ids, filler=make_filler_batch(num_layers=num_captured, hidden_size=hidden, dtype=hs_dtype),
+            save_draft=save_draft, run_config=vars(args),
+        )  # fmt: skip
+        if resume_dir is not None:
+            trainer.restore(resume_dir)
+        logger.info(
+            "%s draft, %d trainable parameters, %d train / %d validation samples, world %d, %d steps planned",
+            model.config.speculator_type, sum(p.numel() for p in trainer.params), len(train_ids), len(val_ids),
+            env.world_size, trainer.total_steps,
+        )  # fmt: skip
+        result = trainer.fit()
+        logger.info("%s at global step %d", result.status, result.global_step)
+        return 128 + result.signal if result.status == "interrupted" and result.signal else 0
+    finally:
+        close_distributed(env)
+
+
+def _token_freq(args: argparse.Namespace) -> dict[int, int] | None:
+    path = Path(args.token_freq_path or Path(args.data_path) / "token_freq.pt")
+    if not path.is_file():
+        if args.token_freq_path:
+            raise ValueError(f"--token-freq-path {path}: no such file")
+        return None
+    return {int(k): int(v) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+
+
+if __name__ == "__main__":
+    # `torchrun -m trainer.train` and `python -m trainer.train` land here.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
