@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -39,7 +41,11 @@ BACKENDS = ("hf", "vllm")
 class ProduceConfig:
     model: str
     data: str
-    spill: str
+    spill: str | None = None  # --spill DIR: offline mode
+    connect: list[str] | None = None  # --connect ENDPOINT...: streaming mode (trainer grants the rows)
+    num_ranks: int = 1
+    producer_id: str | None = None
+    handshake_timeout: float = 600.0
     max_samples: int | None = None
     backend: str = "hf"
     dtype: str = "auto"
@@ -52,6 +58,10 @@ class ProduceConfig:
     skip_nonfinite: bool = False
 
     def __post_init__(self) -> None:
+        if (self.spill is None) == (not self.connect):
+            raise ValueError("give exactly one of --spill DIR (write files) or --connect ENDPOINT (stream to a trainer)")
+        if self.connect and (self.validate or self.world_size != 1 or self.max_samples is not None):
+            raise ValueError("--validate, --world-size and --max-samples apply to --spill; with --connect the trainer decides the rows")
         if self.backend == "vllm":
             raise ValueError("--backend vllm is not available yet (it arrives with the vLLM connector); use --backend hf")
         if self.backend not in BACKENDS:
@@ -245,11 +255,68 @@ def produce(config: ProduceConfig, *, stop: threading.Event | None = None) -> Pr
     return report
 
 
+def dataset_fingerprint(dataset) -> str:
+    """datasets' own fingerprint of a saved dataset (the same for every copy of the folder)."""
+    return str(getattr(dataset, "_fingerprint", "") or "")
+
+
+def stream(config: ProduceConfig, *, stop: threading.Event | None = None) -> int:
+    """Streaming run: serve the trainer ranks' grants until they end the stream; returns an exit code."""
+    import datasets
+
+    from producer.capture import CaptureConfig, HFCapture
+    from producer.stream_client import StreamClientConfig, StreamProducer
+
+    dataset = datasets.load_from_disk(config.data)
+    if not {"input_ids", "loss_mask"} <= set(dataset.column_names):
+        raise ValueError(f"--data {config.data} is not a prepared dataset (run `draftstream prepare` first)")
+    fingerprint = dataset_fingerprint(dataset)
+    dataset.set_format("torch", columns=["input_ids", "loss_mask"])
+    layer_ids, _ = _captured_layout(config)
+    backend = HFCapture(
+        CaptureConfig(model=config.model, dtype=config.dtype, device=config.device, layer_ids=layer_ids, max_batch_tokens=config.max_batch_tokens)
+    )
+    log.info("target: %s", backend.describe())
+
+    def row(sample_id: int) -> CaptureRow:
+        if not 0 <= sample_id < len(dataset):
+            raise ValueError(f"granted sample {sample_id} is outside the prepared dataset of {len(dataset)} rows")
+        item = dataset[sample_id]
+        return CaptureRow(sample_id, item["input_ids"], item["loss_mask"])
+
+    client = StreamProducer(
+        StreamClientConfig(
+            producer_id=config.producer_id or f"producer-{socket.gethostname()}-{os.getpid()}",
+            connect=list(config.connect or []),
+            num_ranks=config.num_ranks,
+            dataset_fingerprint=fingerprint,
+            max_batch_tokens=config.max_batch_tokens,
+            handshake_timeout_seconds=config.handshake_timeout,
+        ),
+        backend,
+        row,
+        stop=stop,
+    )
+    try:
+        report = client.run()
+    finally:
+        backend.close()
+    log.info("streamed %d samples (%.2f GB) in %d leases", report.samples, report.bytes / 1e9, report.leases)
+    return report.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="draftstream produce", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="target model: local folder or hub id")
     parser.add_argument("--data", required=True, help="prepared dataset folder (draftstream prepare --output)")
-    parser.add_argument("--spill", required=True, help="folder for hs_{i}.safetensors files")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--spill", help="offline: folder for hs_{i}.safetensors files")
+    mode.add_argument(
+        "--connect", nargs="+", help="streaming: trainer stream endpoint(s), ipc://DIR or tcp://HOST:PORT (as the trainer's --stream-endpoint)"
+    )
+    parser.add_argument("--num-ranks", type=int, default=1, help="streaming: trainer ranks behind each --connect endpoint")
+    parser.add_argument("--producer-id", default=None, help="streaming: a unique name (default: host and pid)")
+    parser.add_argument("--handshake-timeout", type=float, default=600.0, help="streaming: seconds to wait for a trainer")
     parser.add_argument("--max-samples", type=int, default=None, help="only the first N rows of the dataset")
     parser.add_argument("--backend", default="hf", choices=BACKENDS, help="capture backend (vllm: not available yet)")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="target dtype (auto: the checkpoint's)")
@@ -267,11 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s producer-{args.rank} %(levelname)s %(message)s")
+    name = args.producer_id or f"producer-{args.rank}"
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
-        report = produce(ProduceConfig(**vars(args)), stop=stop)
+        config = ProduceConfig(**vars(args))
+        if config.connect:
+            signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+            return stream(config, stop=stop)
+        report = produce(config, stop=stop)
     except ValueError as e:
         print(f"draftstream produce: error: {e}", file=sys.stderr)
         return 1

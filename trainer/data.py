@@ -86,6 +86,8 @@ class PreparedDataset:
         if missing:
             raise ValueError(f"--data-path {path}: dataset lacks columns {sorted(missing)}")
         self.path = path
+        # datasets' own fingerprint of the saved folder: producers send theirs in the handshake.
+        self.fingerprint = str(getattr(self._ds, "_fingerprint", "") or "")
         raw = self._ds.with_format(None)
         if "seq_len" in self._ds.column_names:
             self._lengths = [int(n) for n in raw["seq_len"]]

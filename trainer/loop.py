@@ -149,6 +149,9 @@ class StepResult:
     grad_norm: float
     seconds: float
     stop_requested: bool
+    data_wait_s: float = 0.0  # time the loop waited for this step's data (stall)
+    num_samples: int = 0  # samples this process trained on in the step
+    wall_s: float = 0.0  # wall time since the previous step ended
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -289,6 +292,9 @@ class Trainer:
         self._accounting = AccountingLog(self.save_path / ACCOUNTING_DIR / f"rank{env.rank}.jsonl")
         self._log = JsonlLog(self.save_path / "train_log.jsonl" if env.is_main else None)
         self._tracker: Tracker | None = None
+        self._scheduled: set[int] = set()  # epochs already announced to a streaming source
+        self._window: dict[str, float] = {}
+        self._reset_window()
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -455,12 +461,41 @@ class Trainer:
 
     # ---- logging --------------------------------------------------------------------------------
 
+    def _stream_figures(self, r: StepResult) -> dict[str, float]:
+        """Stall % over the log window, and a streaming source's rates, fill and leases."""
+        w = self._window
+        w["wait"] += r.data_wait_s
+        w["wall"] += r.wall_s
+        w["samples"] += r.num_samples
+        figures = {"data_wait_s": r.data_wait_s, "stall_pct": 100.0 * w["wait"] / w["wall"] if w["wall"] > 0 else 0.0}
+        snapshot = getattr(self.train_source, "snapshot", None)
+        if snapshot is not None:
+            snap = snapshot()
+            dt = w["wall"] or 1e-9
+            figures.update(
+                samples_in_per_s=(snap["samples_in"] - w["samples_in"]) / dt,
+                samples_out_per_s=w["samples"] / dt,
+                gb_in_per_s=(snap["bytes_in"] - w["bytes_in"]) / dt / 1e9,
+                buffer_fill=snap["buffer_fill"],
+                leases_outstanding=snap["leases_outstanding"],
+                leases_expired=snap["leases_expired"],
+                producers=snap["producers"],
+            )
+            w["next_samples_in"], w["next_bytes_in"] = snap["samples_in"], snap["bytes_in"]
+        return figures
+
+    def _reset_window(self) -> None:
+        w = self._window
+        w.update(wait=0.0, wall=0.0, samples=0, samples_in=w.get("next_samples_in", 0.0), bytes_in=w.get("next_bytes_in", 0.0))
+
     def _log_step(self, r: StepResult, bar) -> None:
         cfg = self.config
         tokens_per_s = r.num_tokens / r.seconds if r.seconds > 0 else 0.0
+        figures = self._stream_figures(r)
         record = {"kind": "train", "epoch": r.epoch, "step": r.step, "global_step": r.global_step, "loss": r.loss,
                   **r.metrics, "lr": r.lr, "grad_norm": r.grad_norm, "num_tokens": r.num_tokens,
-                  "num_loss_tokens": r.num_loss_tokens, "tokens_per_s": tokens_per_s}  # fmt: skip
+                  "num_loss_tokens": r.num_loss_tokens, "tokens_per_s": tokens_per_s, "step_wall_s": r.wall_s,
+                  **figures}  # fmt: skip
         self._log.write(record)
         if self._tracker is not None:
             self._tracker.log({f"train/{k}": v for k, v in record.items() if k not in ("kind", "epoch", "step")}, r.global_step)
@@ -469,11 +504,20 @@ class Trainer:
             bar.set_postfix(loss=f"{r.loss:.4f}", refresh=False)
         if r.global_step % cfg.log_every == 0 or r.global_step == self.total_steps:
             accs = format_accuracies(r.metrics)
+            stream = ""
+            if "samples_in_per_s" in figures:
+                stream = (
+                    f" | in {figures['samples_in_per_s']:.1f}/s out {figures['samples_out_per_s']:.1f}/s "
+                    f"{figures['gb_in_per_s']:.3f} GB/s buf {100 * figures['buffer_fill']:.0f}% "
+                    f"leases {figures['leases_outstanding']:.0f} (expired {figures['leases_expired']:.0f}) "
+                    f"producers {figures['producers']:.0f}"
+                )
             logger.info(
-                "epoch %d step %d/%d (global %d/%d) loss %.4f | %s | lr %.3e gnorm %.3f | %.0f tok/s",
+                "epoch %d step %d/%d (global %d/%d) loss %.4f | %s | lr %.3e gnorm %.3f | %.0f tok/s | stall %.1f%%%s",
                 r.epoch, r.step + 1, self.plans[r.epoch].num_steps, r.global_step, self.total_steps, r.loss, accs,
-                r.lr, r.grad_norm, tokens_per_s,
+                r.lr, r.grad_norm, tokens_per_s, figures["stall_pct"], stream,
             )  # fmt: skip
+            self._reset_window()
 
     def _log_val(self, epoch: int, values: dict[str, float]) -> None:
         self._log.write({"kind": "val", "epoch": epoch, "global_step": self.global_step, **values})
@@ -534,11 +578,16 @@ class Trainer:
         prefetch = Prefetcher(plan=plan, source=self.train_source, logical_ranks=self.logical_ranks,
                                start_step=self.step_in_epoch, total_seq_len=cfg.total_seq_len,
                                depth=cfg.prefetch_depth, pin=self.device.type == "cuda")  # fmt: skip
+        waited, last_end = prefetch.wait_seconds, time.perf_counter()
         try:
             for step, micros in prefetch:
                 if self._out_of_steps():
                     return None
                 result = self.run_step(epoch, step, micros)
+                now = time.perf_counter()
+                result.data_wait_s, result.wall_s = prefetch.wait_seconds - waited, now - last_end
+                result.num_samples = sum(len(m.fetched.samples) for m in micros)
+                waited, last_end = prefetch.wait_seconds, now
                 self.global_step = result.global_step
                 self.step_in_epoch = step + 1
                 self._epoch_loss[0] += result.loss * result.num_loss_tokens
@@ -563,6 +612,28 @@ class Trainer:
             prefetch.close()
         return None
 
+    def _schedule_stream(self, epoch: int) -> None:
+        """A streaming source learns, in fetch order, what this process will fetch in ``epoch``:
+        training from the cursor, then validation, which runs for every epoch the loop enters. A
+        later epoch is entered only if --max-steps leaves it steps, so the schedule is exact."""
+        schedule = getattr(self.train_source, "schedule", None)
+        if schedule is None or epoch >= self.config.epochs or epoch in self._scheduled:
+            return
+        self._scheduled.add(epoch)
+        plan = self.plans[epoch]
+        start = self.step_in_epoch if epoch == self.epoch else 0
+        end = plan.num_steps
+        if self.config.max_steps is not None:
+            steps_before = sum(self.plans[e].num_steps for e in range(self.epoch, epoch)) - (self.step_in_epoch if epoch > self.epoch else 0)
+            budget = self.config.max_steps - self.global_step - steps_before
+            if epoch > self.epoch and budget <= 0:
+                return  # the run ends before this epoch
+            end = min(end, start + max(0, budget))
+        ids = [sid for step in range(start, end) for lr in self.logical_ranks for sid in plan.batches_for(lr, step)]
+        if self.val_plan is not None and self.val_source is self.train_source:
+            ids += [sid for step in range(self.val_plan.num_steps) for sid in self.val_plan.batches_for(self.env.rank, step)]
+        schedule(epoch, ids)
+
     def fit(self) -> FitResult:
         cfg = self.config
         self._tracker = Tracker(cfg, self.env, self.run_config)
@@ -583,6 +654,8 @@ class Trainer:
                         continue
                     if self._out_of_steps():
                         break
+                    self._schedule_stream(epoch)
+                    self._schedule_stream(epoch + 1)  # producers keep going through validation and the epoch turn
                     if self.step_in_epoch == 0:
                         logger.info("epoch %d: %d samples in %d batches, %d steps of %d batches", epoch,
                                     plan.num_samples, plan.num_batches, plan.num_steps, self.logical_world)  # fmt: skip

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -53,6 +54,7 @@ class Prefetcher:
     def __init__(self, *, plan: BatchPlan, source: SampleSource, logical_ranks: Sequence[int], start_step: int,
                  total_seq_len: int, depth: int, pin: bool):  # fmt: skip
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.wait_seconds = 0.0  # time the training loop spent waiting for data (stall)
         self._stop = threading.Event()
         self._args = (plan, source, list(logical_ranks), start_step, total_seq_len, pin)
         self._thread = threading.Thread(target=self._run, name=f"Prefetch-e{plan.epoch}", daemon=True)
@@ -80,7 +82,9 @@ class Prefetcher:
 
     def __iter__(self) -> Iterator[tuple[int, list[MicroBatch]]]:
         while True:
+            start = time.perf_counter()
             item = self._queue.get()
+            self.wait_seconds += time.perf_counter() - start
             if item is self._DONE:
                 return
             if isinstance(item, BaseException):

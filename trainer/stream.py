@@ -16,9 +16,11 @@ source the training loop reads from exactly like it reads hidden-state files.
 The IO thread owns both sockets; the loop talks to it through a command queue (``schedule``) and
 the replay buffer (``fetch``). Errors on the IO thread are kept and re-raised in ``fetch``.
 
-Keys are ``(epoch, sample_id)``. ``schedule(epoch, ids)`` says, in plan order, which samples this
-rank will need (an id listed k times is produced once and used k times). Grants go out in that
-order, only as far ahead as the buffer's byte budget allows, to whichever producer has room.
+Keys are ``(epoch, sample_id)``. ``schedule(epoch, ids)`` says, in fetch order, which samples this
+rank will need (an id listed k times is produced once and used k times); the loop schedules ahead
+(validation, the next epoch) so producers never idle at epoch boundaries. ``fetch`` must then ask
+for exactly the scheduled ids in that order, which it checks. Grants go out in that order, only as
+far ahead as the buffer's byte budget allows, to whichever producer has room.
 """
 
 from __future__ import annotations
@@ -170,7 +172,8 @@ class StreamSampleSource:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._epoch = 0
+        self._fetch_order: collections.deque[tuple[int, int]] = collections.deque()
+        self._order_lock = threading.Lock()
         self._uses: dict[tuple[int, int], int] = {}
         self._producers: dict[bytes, _Producer] = {}
         self.stats = collections.Counter()
@@ -189,15 +192,22 @@ class StreamSampleSource:
         return self
 
     def schedule(self, epoch: int, sample_ids: Sequence[int]) -> None:
-        """This rank will need these samples of ``epoch``, in this order (repeats = reuse)."""
-        self._epoch = epoch
-        self._commands.put(("need", epoch, list(sample_ids)))
+        """This rank will fetch these samples of ``epoch`` next, in this order (repeats = reuse)."""
+        ids = [int(s) for s in sample_ids]
+        with self._order_lock:
+            self._fetch_order.extend((epoch, sid) for sid in ids)
+        self._commands.put(("need", epoch, ids))
 
     def lengths(self, sample_ids: Sequence[int]) -> list[int]:
         return [self._length_of(s) for s in sample_ids]
 
     def fetch(self, sample_ids: Sequence[int]) -> FetchResult:
-        keys = [(self._epoch, int(s)) for s in sample_ids]
+        with self._order_lock:
+            if len(self._fetch_order) < len(sample_ids):
+                raise RuntimeError(f"fetch of {len(sample_ids)} samples but only {len(self._fetch_order)} are scheduled")
+            keys = [self._fetch_order.popleft() for _ in sample_ids]
+        if [sid for _, sid in keys] != [int(s) for s in sample_ids]:
+            raise RuntimeError(f"fetch order diverged from the schedule: asked {list(sample_ids)[:8]}, scheduled {keys[:8]}")
         start = time.monotonic()
         try:
             got = self.buffer.take(keys, timeout=self.config.stall_timeout_seconds, check=self._check)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from protocol.codec import DTYPES
+
 logger = logging.getLogger("trainer.train")
 
 _DRAFT_OVERRIDES = ("ttt_step_loss_decay", "down_sample_ratio", "down_sample_ratio_min", "max_anchors", "loss_fn",
@@ -74,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--train-data-ratio", type=float, default=None, help="1 - --val-ratio (speculators' name)")
     g.add_argument("--total-seq-len", type=int, default=8192, help="tokens per packed batch per rank")
     g.add_argument("--noise-std", type=float, default=0.05, help="uniform noise [-std, std) on aux states, training only")
+
+    g = p.add_argument_group("streaming (instead of --hidden-states-path: producers send hidden states live)")
+    g.add_argument("--stream-endpoint", default=None,
+                   help="ipc://DIR or tcp://HOST:PORT; rank r binds control/data at DIR/rank{r}-*.sock or PORT+2r, PORT+2r+1")  # fmt: skip
+    g.add_argument("--buffer-bytes", type=int, default=None, help="replay buffer budget per rank (default: 4 full batches)")
+    g.add_argument("--lease-seconds", type=float, default=120.0, help="a grant not delivered in time goes to another producer")
+    g.add_argument("--stall-timeout", type=float, default=1800.0, help="give up when a batch's samples do not arrive in time")
+    g.add_argument("--spill-dir", default=None, help="also write every received sample as hs_{i}.safetensors (tee)")
+    g.add_argument("--skip-nonfinite", action="store_true", help="skip and count samples with NaN/Inf instead of stopping")
+    g.add_argument("--target-dtype", default=None, help="dtype producers capture in (default: the verifier checkpoint's)")
+    g.add_argument("--allow-remote", action="store_true", help="allow binding addresses other hosts can reach")
+    g.add_argument("--advertise-host", default=None, help="host name producers should push data to (with tcp:// on 0.0.0.0)")
 
     g = p.add_argument_group("training")
     g.add_argument("--save-path", default="./checkpoints")
@@ -172,20 +186,26 @@ def main(argv: list[str] | None = None) -> int:
             hidden = int(verifier_config["hidden_size"])
 
             dataset = PreparedDataset(args.data_path)
-            hs_dir = args.hidden_states_path or str(Path(args.data_path) / "hidden_states")
-            source = FileSampleSource(dataset, hs_dir, on_missing=args.on_missing)
             train_ids, val_ids = split_train_val(len(dataset), val_ratio=_val_ratio(args), seed=args.seed)
-            if env.is_main:
-                train_ids, val_ids = source.available(train_ids), source.available(val_ids)
-            train_ids, val_ids = broadcast_ids(train_ids, env), broadcast_ids(val_ids, env)
-            if not train_ids:
-                raise ValueError(f"no training samples with hidden-state files in {hs_dir}")
-            (_, num_captured, file_hidden), hs_dtype = source.peek(train_ids[0])
-            if num_captured != len(aux_ids) + 1 or file_hidden != hidden:
-                raise ValueError(
-                    f"{hs_dir}: files hold [T, {num_captured}, {file_hidden}] hidden states; the draft needs "
-                    f"[T, {len(aux_ids) + 1}, {hidden}] (3 aux layers + the last; check --target-layer-ids)"
-                )
+            if args.stream_endpoint:
+                if args.hidden_states_path:
+                    raise ValueError("give --hidden-states-path (files) or --stream-endpoint (live producers), not both")
+                source = _stream_source(args, env, dataset, verifier_config, aux_ids)
+                num_captured, hs_dtype = len(aux_ids) + 1, DTYPES[source.target.dtype]
+            else:
+                hs_dir = args.hidden_states_path or str(Path(args.data_path) / "hidden_states")
+                source = FileSampleSource(dataset, hs_dir, on_missing=args.on_missing)
+                if env.is_main:
+                    train_ids, val_ids = source.available(train_ids), source.available(val_ids)
+                train_ids, val_ids = broadcast_ids(train_ids, env), broadcast_ids(val_ids, env)
+                if not train_ids:
+                    raise ValueError(f"no training samples with hidden-state files in {hs_dir}")
+                (_, num_captured, file_hidden), hs_dtype = source.peek(train_ids[0])
+                if num_captured != len(aux_ids) + 1 or file_hidden != hidden:
+                    raise ValueError(
+                        f"{hs_dir}: files hold [T, {num_captured}, {file_hidden}] hidden states; the draft needs "
+                        f"[T, {len(aux_ids) + 1}, {hidden}] (3 aux layers + the last; check --target-layer-ids)"
+                    )
 
             torch.manual_seed(args.seed)  # every rank builds the same initial weights
             draft_kwargs = _draft_kwargs(args)
@@ -223,11 +243,57 @@ def main(argv: list[str] | None = None) -> int:
             model.config.speculator_type, sum(p.numel() for p in trainer.params), len(train_ids), len(val_ids),
             env.world_size, trainer.total_steps,
         )  # fmt: skip
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        finally:
+            if hasattr(source, "close"):
+                source.close("training finished")
         logger.info("%s at global step %d", result.status, result.global_step)
         return 128 + result.signal if result.status == "interrupted" and result.signal else 0
     finally:
         close_distributed(env)
+
+
+def _stream_source(args: argparse.Namespace, env, dataset, verifier_config: dict, aux_ids: list[int]):
+    """This rank's live sample source: binds its endpoints and waits for producers."""
+    from protocol.credit import sample_nbytes
+    from protocol.sockets import SocketConfig
+    from trainer.stream import StreamConfig, StreamSampleSource, TargetSpec
+
+    num_layers = int(verifier_config["num_hidden_layers"])
+    dtype = args.target_dtype or str(verifier_config.get("dtype") or verifier_config.get("torch_dtype") or "float32")
+    if dtype not in DTYPES:
+        raise ValueError(f"--target-dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    target = TargetSpec(
+        target_model=args.verifier_name_or_path,
+        layer_ids=[*aux_ids, num_layers],
+        hidden_size=int(verifier_config["hidden_size"]),
+        dtype=dtype,
+        vocab_size=int(verifier_config["vocab_size"]),
+        dataset_fingerprint=dataset.fingerprint,
+    )
+    per_batch = sample_nbytes(args.total_seq_len, len(aux_ids) + 1, target.hidden_size, DTYPES[dtype])
+    config = StreamConfig(
+        rank=env.rank,
+        endpoint=args.stream_endpoint,
+        advertise_host=args.advertise_host,
+        buffer_bytes=args.buffer_bytes or 4 * per_batch * args.grad_accum_steps,
+        lease_seconds=args.lease_seconds,
+        stall_timeout_seconds=args.stall_timeout,
+        skip_nonfinite=args.skip_nonfinite,
+        spill_dir=args.spill_dir,
+        socket=SocketConfig(sndhwm=64, rcvhwm=8, allow_remote=args.allow_remote),
+    )
+    if args.spill_dir:
+        Path(args.spill_dir).mkdir(parents=True, exist_ok=True)
+    source = StreamSampleSource(
+        config,
+        target,
+        lengths=lambda sid: dataset.lengths([sid])[0],
+        expected_tokens=lambda sid: dataset.row(sid)[0],
+    ).start()
+    logger.info("streaming: control %s, data %s, buffer %.1f MB", source.control_endpoint, source.data_endpoint, config.buffer_bytes / 1e6)
+    return source
 
 
 def _token_freq(args: argparse.Namespace) -> dict[int, int] | None:

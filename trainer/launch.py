@@ -1,0 +1,200 @@
+"""``draftstream run``: the paired launch. P producers and R trainer ranks on this host, started,
+watched and stopped together by one command.
+
+::
+
+    draftstream run
+      |-- trainer: `draftstream train --stream-endpoint E ...`   (torchrun --nproc-per-node R when R > 1)
+      |-- producer-0: `draftstream produce --connect E --num-ranks R ...`   log: <save>/logs/producer-0.log
+      |-- producer-1: ...
+
+The trainer owns the run: when it exits, producers are told to stop (they normally already got
+``EndOfStream``) and the run exits with the trainer's code. A child that dies ends the run with a
+message naming it and a non-zero exit, except producers under ``--tolerate-producer-failures``
+(their leases go to the others; the run fails only when none is left). SIGINT/SIGTERM are passed
+to the trainer, which writes a checkpoint and exits; producers follow.
+
+Everything after ``--`` goes to ``draftstream train`` unchanged; ``--producer-args`` to each producer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+logger = logging.getLogger("draftstream.run")
+
+
+@dataclasses.dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+    log_path: Path | None = None
+
+    def describe_exit(self) -> str:
+        code = self.process.returncode
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        where = f" (log: {self.log_path})" if self.log_path else ""
+        return f"{self.name} ended with {how}{where}"
+
+
+def _cli() -> list[str]:
+    return [sys.executable, "-m", "protocol.cli"]
+
+
+def build_commands(args: argparse.Namespace, train_args: list[str]) -> tuple[list[str], list[list[str]]]:
+    endpoint = args.stream_endpoint
+    trainer = [
+        *(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "protocol.cli"]
+            if args.nproc_per_node > 1
+            else _cli()
+        ),
+        "train",
+        "--verifier-name-or-path", args.model,
+        "--data-path", args.data,
+        "--save-path", args.save_path,
+        "--stream-endpoint", endpoint,
+        *train_args,
+    ]  # fmt: skip
+    producers = []
+    for i in range(args.num_producers):
+        producers.append(
+            [
+                *_cli(),
+                "produce",
+                "--model", args.model,
+                "--data", args.data,
+                "--connect", endpoint,
+                "--num-ranks", str(args.nproc_per_node),
+                "--producer-id", f"producer-{i}",
+                *shlex.split(args.producer_args),
+            ]  # fmt: skip
+        )
+    return trainer, producers
+
+
+def _terminate(children: list[Child], grace: float) -> None:
+    for child in children:
+        if child.process.poll() is None:
+            child.process.terminate()
+    deadline = time.monotonic() + grace
+    for child in children:
+        remaining = max(0.0, deadline - time.monotonic())
+        try:
+            child.process.wait(remaining)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop within %.0fs; killing it", child.name, grace)
+            child.process.kill()
+            child.process.wait()
+
+
+def run(args: argparse.Namespace, train_args: list[str]) -> int:
+    save = Path(args.save_path)
+    logs = save / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    trainer_cmd, producer_cmds = build_commands(args, train_args)
+    if args.dry_run:
+        print(shlex.join(trainer_cmd))
+        for cmd in producer_cmds:
+            print(shlex.join(cmd))
+        return 0
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    trainer = Child("trainer", subprocess.Popen(trainer_cmd, env=env))
+    producers: list[Child] = []
+    for i, cmd in enumerate(producer_cmds):
+        log_path = logs / f"producer-{i}.log"
+        with open(log_path, "ab") as log:
+            producers.append(Child(f"producer-{i}", subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log_path))
+    logger.info("started trainer (%d rank%s) and %d producers; producer logs in %s", args.nproc_per_node, "s" * (args.nproc_per_node > 1), len(producers), logs)
+    exit_code = 0
+    try:
+        while True:
+            if stop["signal"] is not None:
+                logger.warning("signal %d: asking the trainer to checkpoint and stop", stop["signal"])
+                trainer.process.send_signal(signal.SIGTERM)
+                stop["signal"] = None
+            if trainer.process.poll() is not None:
+                exit_code = trainer.process.returncode
+                if exit_code != 0:
+                    logger.error("%s", trainer.describe_exit())
+                break
+            alive = []
+            for child in producers:
+                code = child.process.poll()
+                if code is None:
+                    alive.append(child)
+                elif code != 0 and not args.tolerate_producer_failures:
+                    logger.error("%s; stopping the run (--tolerate-producer-failures to carry on)", child.describe_exit())
+                    _terminate([trainer], args.grace_seconds)
+                    exit_code = code if code > 0 else 1
+                    return exit_code
+                elif code != 0:
+                    logger.warning("%s; its work goes to the remaining producers", child.describe_exit())
+            if producers and not alive and trainer.process.poll() is None and any(c.process.returncode != 0 for c in producers):
+                logger.error("every producer has died; stopping the trainer")
+                _terminate([trainer], args.grace_seconds)
+                return 1
+            producers_left = alive
+            del producers_left
+            time.sleep(0.2)
+    finally:
+        _terminate([c for c in producers if c.process.poll() is None] + ([trainer] if trainer.process.poll() is None else []), args.grace_seconds)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="draftstream run",
+        description="Paired launch: P producers stream hidden states into R trainer ranks; no disk cache.",
+        epilog="Arguments after `--` go to `draftstream train` (e.g. -- --epochs 3 --lr 1e-4 --draft-vocab-size 32000).",
+    )
+    parser.add_argument("--model", required=True, help="target model (local dir or hub id), used by producers and as the verifier")
+    parser.add_argument("--data", required=True, help="prepared dataset (draftstream prepare --output)")
+    parser.add_argument("--save-path", required=True, help="checkpoints, logs and the accounting record go here")
+    parser.add_argument("--num-producers", type=int, default=1)
+    parser.add_argument("--nproc-per-node", type=int, default=1, help="trainer ranks (torchrun) on this host")
+    parser.add_argument("--stream-endpoint", default=None, help="ipc://DIR (default: a fresh temp dir) or tcp://HOST:PORT")
+    parser.add_argument("--producer-args", default="", help="extra flags for every producer, one string (e.g. '--dtype bfloat16')")
+    parser.add_argument("--tolerate-producer-failures", action="store_true", help="keep going while at least one producer lives")
+    parser.add_argument("--grace-seconds", type=float, default=60.0, help="how long children get to stop before being killed")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, train_args = argv[:cut], argv[cut + 1 :]
+    args = build_parser().parse_args(argv)
+    if args.num_producers < 1 or args.nproc_per_node < 1:
+        raise SystemExit("draftstream run: --num-producers and --nproc-per-node must be >= 1")
+    if args.stream_endpoint is None:
+        args.stream_endpoint = "ipc://" + tempfile.mkdtemp(prefix="draftstream-")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [run] %(levelname)s %(message)s")
+    return run(args, train_args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
