@@ -46,6 +46,8 @@ class ProduceConfig:
     num_ranks: int = 1
     producer_id: str | None = None
     handshake_timeout: float = 600.0
+    curve_secret_key: str | None = None
+    curve_server_key: str | None = None
     max_samples: int | None = None
     backend: str = "hf"
     dtype: str = "auto"
@@ -266,6 +268,10 @@ def stream(config: ProduceConfig, *, stop: threading.Event | None = None) -> int
 
     from producer.capture import CaptureConfig, HFCapture
     from producer.stream_client import StreamClientConfig, StreamProducer
+    from protocol.sockets import CurveKeys, SocketConfig
+
+    if bool(config.curve_secret_key) != bool(config.curve_server_key):
+        raise ValueError("CURVE needs both --curve-secret-key (this producer's) and --curve-server-key (the trainer's public key)")
 
     dataset = datasets.load_from_disk(config.data)
     if not {"input_ids", "loss_mask"} <= set(dataset.column_names):
@@ -292,6 +298,13 @@ def stream(config: ProduceConfig, *, stop: threading.Event | None = None) -> int
             dataset_fingerprint=fingerprint,
             max_batch_tokens=config.max_batch_tokens,
             handshake_timeout_seconds=config.handshake_timeout,
+            socket=SocketConfig(
+                sndhwm=8,
+                rcvhwm=64,
+                curve=CurveKeys(secret_file=Path(config.curve_secret_key), server_public_file=Path(config.curve_server_key))
+                if config.curve_secret_key
+                else None,
+            ),
         ),
         backend,
         row,
@@ -317,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-ranks", type=int, default=1, help="streaming: trainer ranks behind each --connect endpoint")
     parser.add_argument("--producer-id", default=None, help="streaming: a unique name (default: host and pid)")
     parser.add_argument("--handshake-timeout", type=float, default=600.0, help="streaming: seconds to wait for a trainer")
+    parser.add_argument("--curve-secret-key", default=None, help="streaming: this producer's CURVE secret key file")
+    parser.add_argument("--curve-server-key", default=None, help="streaming: the trainer's CURVE public key file")
     parser.add_argument("--max-samples", type=int, default=None, help="only the first N rows of the dataset")
     parser.add_argument("--backend", default="hf", choices=BACKENDS, help="capture backend (vllm: not available yet)")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="target dtype (auto: the checkpoint's)")
@@ -344,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
             return stream(config, stop=stop)
         report = produce(config, stop=stop)
-    except ValueError as e:
+    except (ValueError, TimeoutError) as e:
         print(f"draftstream produce: error: {e}", file=sys.stderr)
         return 1
     print(report.format())

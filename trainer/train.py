@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-dtype", default=None, help="dtype producers capture in (default: the verifier checkpoint's)")
     g.add_argument("--allow-remote", action="store_true", help="allow binding addresses other hosts can reach")
     g.add_argument("--advertise-host", default=None, help="host name producers should push data to (with tcp:// on 0.0.0.0)")
+    g.add_argument("--curve-secret-key", default=None, help="CURVE: this trainer's secret key file (draftstream keygen)")
+    g.add_argument("--curve-authorized-keys", default=None, help="CURVE: directory of producer public keys allowed in")
 
     g = p.add_argument_group("training")
     g.add_argument("--save-path", default="./checkpoints")
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 def _stream_source(args: argparse.Namespace, env, dataset, verifier_config: dict, aux_ids: list[int]):
     """This rank's live sample source: binds its endpoints and waits for producers."""
     from protocol.credit import sample_nbytes
-    from protocol.sockets import SocketConfig
+    from protocol.sockets import CurveKeys, SocketConfig
     from trainer.stream import StreamConfig, StreamSampleSource, TargetSpec
 
     num_layers = int(verifier_config["num_hidden_layers"])
@@ -282,7 +284,14 @@ def _stream_source(args: argparse.Namespace, env, dataset, verifier_config: dict
         stall_timeout_seconds=args.stall_timeout,
         skip_nonfinite=args.skip_nonfinite,
         spill_dir=args.spill_dir,
-        socket=SocketConfig(sndhwm=64, rcvhwm=8, allow_remote=args.allow_remote),
+        socket=SocketConfig(
+            sndhwm=64,
+            rcvhwm=8,
+            allow_remote=args.allow_remote,
+            curve=CurveKeys(secret_file=Path(args.curve_secret_key), authorized_keys_dir=args.curve_authorized_keys and Path(args.curve_authorized_keys))
+            if args.curve_secret_key
+            else None,
+        ),
     )
     if args.spill_dir:
         Path(args.spill_dir).mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from producer.prepare import PrepareConfig, prepare_dataset
 from producer.tiny_target import TinyTargetConfig, build_tiny_target, write_conversations
@@ -153,9 +154,9 @@ def test_trainer_killed_mid_epoch_resumes_and_producers_reconnect(workload, tmp_
 
 def test_streaming_trains_the_same_losses_as_offline_files(workload, tmp_path):
     common = ["--epochs", "2", *TRAIN_ARGS]
-    stream_save = tmp_path / "stream"
+    stream_save, tee = tmp_path / "stream", tmp_path / "tee"
     done = subprocess.run([*CLI, "run", "--model", workload["model"], "--data", workload["data"], "--save-path",
-                           str(stream_save), "--num-producers", "1", "--", *common],
+                           str(stream_save), "--num-producers", "1", "--", *common, "--spill-dir", str(tee)],
                           env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     hs = tmp_path / "hs"
@@ -171,5 +172,51 @@ def test_streaming_trains_the_same_losses_as_offline_files(workload, tmp_path):
         return [(r["kind"], r["global_step"], r.get("loss", r.get("val_loss"))) for r in rows]
 
     streamed, offline = losses(stream_save), losses(offline_save)
+    # The trainer's tee left the files the offline producer wrote: same tokens, and the same hidden
+    # states up to float rounding (rows were batched with other neighbours, so GEMM blocking differs).
+    from protocol.hsfile import hs_path, list_hs_indices, read_hs_file
+
+    assert list_hs_indices(tee) == list_hs_indices(hs) == list(range(len(PreparedDataset(workload["data"]))))
+    for i in list_hs_indices(hs):
+        tokens, hidden = read_hs_file(hs_path(tee, i))
+        ref_tokens, ref_hidden = read_hs_file(hs_path(hs, i))
+        assert torch.equal(tokens, ref_tokens) and hidden.dtype == ref_hidden.dtype
+        torch.testing.assert_close(hidden, ref_hidden, rtol=1e-4, atol=1e-4)
     assert [s[:2] for s in streamed] == [o[:2] for o in offline]
     assert [s[2] for s in streamed] == pytest.approx([o[2] for o in offline], rel=1e-5)
+
+
+def test_curve_over_tcp_admits_the_authorized_producer_only(workload, tmp_path):
+    from protocol.sockets import make_curve_keys
+
+    server_public, server_secret = make_curve_keys(tmp_path / "trainer", "trainer")
+    producer_public, producer_secret = make_curve_keys(tmp_path / "producer", "producer")
+    authorized = tmp_path / "authorized"
+    authorized.mkdir()
+    (authorized / "producer.key").write_bytes(producer_public.read_bytes())
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint, save = f"tcp://127.0.0.1:{port}", tmp_path / "save"
+    produce = [*CLI, "produce", "--model", workload["model"], "--data", workload["data"], "--connect", endpoint]
+    stranger = subprocess.Popen([*produce, "--producer-id", "stranger", "--handshake-timeout", "8"], env=env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    friend = subprocess.Popen([*produce, "--producer-id", "friend", "--curve-secret-key", str(producer_secret),
+                               "--curve-server-key", str(server_public)], env=env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        done = subprocess.run([*CLI, "train", "--verifier-name-or-path", workload["model"], "--data-path", workload["data"],
+                               "--save-path", str(save), "--stream-endpoint", endpoint, "--curve-secret-key", str(server_secret),
+                               "--curve-authorized-keys", str(authorized), "--epochs", "1", *TRAIN_ARGS],
+                              env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert friend.wait(60) == 0
+        out, _ = stranger.communicate(timeout=60)
+        assert stranger.returncode != 0 and "no trainer rank answered" in out
+    finally:
+        friend.kill()
+        stranger.kill()
+    assert "producer friend joined" in done.stderr and "stranger" not in done.stderr
+    assert_record_matches_plan(save, expected_record(workload["data"], epochs=1, world=1))
