@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m bench.demo --out $(DEMO_OUT)
+	DRAFTSTREAM=$(VENV)/bin/draftstream bash examples/demo.sh $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest

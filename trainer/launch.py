@@ -117,12 +117,15 @@ def run(args: argparse.Namespace, train_args: list[str]) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    trainer = Child("trainer", subprocess.Popen(trainer_cmd, env=env))
+    trainer_env = {**env, "CUDA_VISIBLE_DEVICES": args.trainer_gpus} if args.trainer_gpus else env
+    trainer = Child("trainer", subprocess.Popen(trainer_cmd, env=trainer_env))
+    producer_gpus = args.producer_gpus.split(",") if args.producer_gpus else []
     producers: list[Child] = []
     for i, cmd in enumerate(producer_cmds):
         log_path = logs / f"producer-{i}.log"
+        child_env = {**env, "CUDA_VISIBLE_DEVICES": producer_gpus[i % len(producer_gpus)]} if producer_gpus else env
         with open(log_path, "ab") as log:
-            producers.append(Child(f"producer-{i}", subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log_path))
+            producers.append(Child(f"producer-{i}", subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT), log_path))
     logger.info("started trainer (%d rank%s) and %d producers; producer logs in %s", args.nproc_per_node, "s" * (args.nproc_per_node > 1), len(producers), logs)
     exit_code = 0
     try:
@@ -152,8 +155,6 @@ def run(args: argparse.Namespace, train_args: list[str]) -> int:
                 logger.error("every producer has died; stopping the trainer")
                 _terminate([trainer], args.grace_seconds)
                 return 1
-            producers_left = alive
-            del producers_left
             time.sleep(0.2)
     finally:
         _terminate([c for c in producers if c.process.poll() is None] + ([trainer] if trainer.process.poll() is None else []), args.grace_seconds)
@@ -175,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nproc-per-node", type=int, default=1, help="trainer ranks (torchrun) on this host")
     parser.add_argument("--stream-endpoint", default=None, help="ipc://DIR (default: a fresh temp dir) or tcp://HOST:PORT")
     parser.add_argument("--producer-args", default="", help="extra flags for every producer, one string (e.g. '--dtype bfloat16')")
+    parser.add_argument("--producer-gpus", default="", help="e.g. 0,1: producer i sees GPU list[i %% len] alone")
+    parser.add_argument("--trainer-gpus", default="", help="e.g. 2,3: the trainer ranks' CUDA_VISIBLE_DEVICES")
     parser.add_argument("--tolerate-producer-failures", action="store_true", help="keep going while at least one producer lives")
     parser.add_argument("--grace-seconds", type=float, default=60.0, help="how long children get to stop before being killed")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")

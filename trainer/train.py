@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="draftstream train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     g = p.add_argument_group("model")
-    g.add_argument("--verifier-name-or-path", required=True, help="local directory of the target (verifier) model")
+    g.add_argument("--verifier-name-or-path", required=True, help="target (verifier) model: local directory or hub id (only config, index and head shards are fetched)")
     g.add_argument("--speculator-type", default="eagle3", choices=["eagle3", "peagle"])
     g.add_argument("--from-pretrained", default="", help="a saved draft to fine-tune (fresh optimizer)")
     g.add_argument("--num-layers", type=int, default=1, help="draft decoder layers")

@@ -5,6 +5,9 @@ embeddings, the final norm and the lm_head. They are read by name straight from 
 safetensors (sharded with ``model.safetensors.index.json`` or a single file), so an 8B or 70B
 verifier costs only those tensors' memory. Multimodal checkpoints keep the language model under a
 prefix and their text settings under ``text_config``; both are handled.
+
+A hub id works too: only ``config.json``, the shard index and the shards holding those three
+tensors are downloaded (one or two shards of an 8B model), into the usual Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -38,12 +41,38 @@ class VerifierHead:
     lm_head: torch.Tensor  # [V, H]
 
 
+def resolve_verifier_dir(name_or_path: str | Path, *, download=None) -> Path:
+    """A local directory as is; a hub id -> its cache snapshot holding config.json and the
+    safetensors shards with the embeddings, final norm and lm_head (nothing else is fetched)."""
+    local = Path(name_or_path)
+    if local.is_dir():
+        return local
+    if download is None:
+        from huggingface_hub import hf_hub_download as download
+    repo = str(name_or_path)
+    try:
+        root = Path(download(repo, "config.json")).parent
+    except Exception as e:  # offline, unknown repo, no access: all mean the same to the user
+        raise ValueError(f"--verifier-name-or-path {repo}: not a local directory, and the hub has no config.json for it ({e})") from e
+    try:
+        index_file = download(repo, "model.safetensors.index.json")
+    except Exception:  # a single-file checkpoint
+        download(repo, "model.safetensors")
+        return root
+    weight_map = json.loads(Path(index_file).read_text())["weight_map"]
+    wanted = {weight_map[n] for n in (*_EMBED_NAMES, *_NORM_NAMES, *_LM_HEAD_NAMES) if n in weight_map}
+    for shard in sorted(wanted):
+        download(repo, shard)
+    return root
+
+
 def read_verifier_config(path: str | Path) -> dict:
     """The verifier's text-model config as a dict (``text_config`` merged over the top level),
     with ``architectures`` always taken from the top level."""
+    path = resolve_verifier_dir(path)
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"--verifier-name-or-path {path}: no config.json (a local model directory is required)")
+        raise ValueError(f"--verifier-name-or-path {path}: no config.json")
     top = json.loads(config_file.read_text())
     text = top.get("text_config") or {}
     merged = {**top, **text}
@@ -71,7 +100,7 @@ def _tensor_files(path: Path) -> dict[str, Path]:
 
 def read_verifier_head(path: str | Path, config: dict | None = None) -> VerifierHead:
     """Embeddings, final norm and lm_head (the embeddings when the verifier ties them)."""
-    path = Path(path)
+    path = resolve_verifier_dir(path)
     config = config or read_verifier_config(path)
     files = _tensor_files(path)
 

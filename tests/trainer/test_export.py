@@ -330,3 +330,33 @@ def test_checkpoint_names_map_onto_vllm_eagle3_parameters(tiny_llama, tmp_path):
     assert vllm_params - mapped == {f"model.layers.{i}.hidden_norm.weight" for i in range(1, 2)}
     assert tensors["mask_hidden"].numel() == len(AUX) * config["target_hidden_size"]  # viewed as [1, A*H]
     assert isinstance(config["mask_token_id"], int)  # update_peagle reads config_dict["mask_token_id"]
+
+
+def test_a_hub_verifier_fetches_only_config_index_and_the_shards_it_needs(tmp_path):
+    """Hub ids resolve through the cache, downloading config.json, the index and only the shards
+    that hold embeddings, norm and lm_head (a fake downloader stands in for the hub)."""
+    import json as _json
+
+    from trainer.verifier import resolve_verifier_dir
+
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    weight_map = {"model.embed_tokens.weight": "model-00001.safetensors", "model.layers.0.mlp.up_proj.weight": "model-00002.safetensors",
+                  "model.norm.weight": "model-00003.safetensors", "lm_head.weight": "model-00003.safetensors"}  # fmt: skip
+    remote = {"config.json": "{}", "model.safetensors.index.json": _json.dumps({"weight_map": weight_map})}
+    fetched = []
+
+    def download(repo, filename):
+        assert repo == "org/verifier"
+        fetched.append(filename)
+        (snapshot / filename).write_text(remote.get(filename, "shard"))
+        return str(snapshot / filename)
+
+    assert resolve_verifier_dir("org/verifier", download=download) == snapshot
+    assert fetched == ["config.json", "model.safetensors.index.json", "model-00001.safetensors", "model-00003.safetensors"]
+
+    def offline(repo, filename):
+        raise OSError("no network")
+
+    with pytest.raises(ValueError, match="not a local directory"):
+        resolve_verifier_dir("org/other", download=offline)
