@@ -103,14 +103,14 @@ def test_samples_carry_row_ids_epoch_lease_and_protocol_dtypes(tiny_qwen3):
 
 def test_describe_reports_default_layer_ids_and_target_shape(tiny_llama):
     info = HFCapture(CaptureConfig(model=str(tiny_llama), device="cpu")).describe()
-    assert info.layer_ids == default_layer_ids(4) == [2, 2, 1, 4]
-    assert (info.num_layers, info.hidden_size, info.dtype) == (4, 64, "float32")
+    assert info.layer_ids == default_layer_ids(8) == [2, 4, 5, 8]
+    assert (info.num_layers, info.hidden_size, info.dtype) == (8, 64, "float32")
     assert info.target_model == str(tiny_llama) and info.vocab_size > 256
 
 
 def test_layer_id_beyond_last_layer_is_refused_naming_the_flag(tiny_llama):
     with pytest.raises(ValueError, match="--target-layer-ids"):
-        HFCapture(CaptureConfig(model=str(tiny_llama), device="cpu", layer_ids=[2, 5]))
+        HFCapture(CaptureConfig(model=str(tiny_llama), device="cpu", layer_ids=[2, 9]))
 
 
 def test_token_id_outside_target_vocabulary_is_refused_naming_the_row(tiny_llama):

@@ -37,7 +37,7 @@ def _one_thread():
 def sharp_llama(tmp_path_factory):
     from producer.tiny_target import TinyTargetConfig, build_tiny_target
 
-    return build_tiny_target(tmp_path_factory.mktemp("sharp-llama"), TinyTargetConfig(arch="llama", initializer_range=1.0))
+    return build_tiny_target(tmp_path_factory.mktemp("sharp-llama"), TinyTargetConfig(arch="llama", num_layers=4, initializer_range=1.0))
 
 
 @pytest.fixture(scope="module")

@@ -102,10 +102,10 @@ def test_tutorial_torchrun_command_lines_parse(command):
 
 
 def test_target_layer_ids_take_three_or_four_ids(offline_dataset, tmp_path):
-    assert main(_flags(offline_dataset, tmp_path / "a", "--target-layer-ids", "2", "2", "1", "4", "--max-steps", "1")) == 0
+    assert main(_flags(offline_dataset, tmp_path / "a", "--target-layer-ids", "2", "4", "5", "8", "--max-steps", "1")) == 0
     config = json.loads((tmp_path / "a" / "0" / "config.json").read_text())
-    assert config["eagle_aux_hidden_state_layer_ids"] == [2, 2, 1]
-    assert main(_flags(offline_dataset, tmp_path / "b", "--target-layer-ids", "1", "2", "3", "5")) == 2
+    assert config["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5]
+    assert main(_flags(offline_dataset, tmp_path / "b", "--target-layer-ids", "1", "2", "3", "7")) == 2
 
 
 def test_from_pretrained_starts_from_the_saved_weights(offline_dataset, tmp_path):
