@@ -461,7 +461,12 @@ class StreamSampleSource:
     def _tick(self, control: zmq.Socket, now: float) -> None:
         # A producer whose lease ran out and that has not even sent heartbeats is dead, not slow:
         # stop granting to it at once instead of waiting for the silence timeout.
-        late = {lease.producer for lease in self.leases.leases.values() if lease.deadline <= now}
+        expiring = [lease for lease in self.leases.leases.values() if lease.deadline <= now]
+        late = {lease.producer for lease in expiring}
+        for lease in expiring:
+            who = self._producers.get(lease.producer)
+            logger.warning("lease %d of %s expired with %d of %d samples undelivered; granting them again",
+                           lease.lease_id, who.producer_id if who else "a departed producer", len(lease.outstanding), len(lease.sample_ids))
         self.leases.expire()
         for route, producer in list(self._producers.items()):
             silent = now - producer.last_seen
@@ -491,3 +496,5 @@ class StreamSampleSource:
                 grant = Grant(lease_id=lease.lease_id, epoch=lease.epoch, sample_ids=list(lease.sample_ids), deadline_s=self.config.lease_seconds)
                 if self._send(control, route, grant):
                     granted = True
+                else:  # never delivered: back to pending now rather than at the lease deadline
+                    self.leases.fail(lease.lease_id)
