@@ -12,7 +12,9 @@ import sys
 BENCHMARKS = {
     "transport": "bench.transport",
     "capture": "bench.capture",
+    "producer": "bench.capture",
     "trainer": "bench.trainer",
+    "pipeline": "bench.pipeline",
 }
 
 

@@ -98,6 +98,8 @@ class LoopConfig:
     run_name: str | None = None
     progress: bool = True
     prefetch_depth: int = 2
+    reuse: int = 1  # --reuse: uses of every sample per epoch (see trainer.plan)
+    reuse_window: int = 64  # --reuse-window: samples whose uses are interleaved
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -127,6 +129,8 @@ class LoopConfig:
         need(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         need(self.tracker in TRACKERS, f"--tracker must be one of {TRACKERS}, got {self.tracker!r}")
         need(self.prefetch_depth >= 1, f"prefetch_depth must be >= 1, got {self.prefetch_depth}")
+        need(self.reuse >= 1, f"--reuse must be >= 1, got {self.reuse}")
+        need(self.reuse_window >= 1, f"--reuse-window must be >= 1, got {self.reuse_window}")
         module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(self.tracker)
         need(
             module is None or importlib.util.find_spec(module) is not None,
@@ -264,7 +268,8 @@ class Trainer:
         lengths = train_source.lengths(train_ids)
         self.plans = [
             BatchPlan.build(sample_ids=train_ids, lengths=lengths, seed=config.seed, epoch=e,
-                            world_size=self.logical_world, total_seq_len=config.total_seq_len)
+                            world_size=self.logical_world, total_seq_len=config.total_seq_len,
+                            reuse=config.reuse, reuse_window=config.reuse_window)
             for e in range(config.epochs)
         ]  # fmt: skip
         val_ids = [int(i) for i in val_ids]

@@ -22,6 +22,13 @@ the loop feeds it a synthetic filler batch whose loss is multiplied by zero, so 
 FSDP collective (all-gather in forward, reduce-scatter in backward) and nobody hangs, while
 contributing nothing to the gradient. At most ``world_size - 1`` such fillers per epoch.
 
+Reuse (``reuse=K``). Streaming can train each sample K times per pass of the target: the shuffled
+order is cut into windows of ``reuse_window`` samples and each window is replaced by K shuffled
+copies of itself, so the K uses of a sample fall within about K windows of each other, and the
+replay buffer holds it only that long. One epoch is then one pass of the target and K passes of
+training: ``--epochs E --reuse K`` trains every sample E*K times while the target runs E times. A
+batch never holds the same sample twice (a repeat closes the batch early).
+
 "Rank" here is a *logical* rank: with gradient accumulation a process plays several logical ranks
 per step (see ``trainer.loop``), so one process with ``grad_accum_steps=2`` trains exactly the
 batches that two processes do.
@@ -67,6 +74,8 @@ class BatchPlan:
         world_size: int,
         total_seq_len: int,
         shuffle: bool = True,
+        reuse: int = 1,
+        reuse_window: int = 64,
     ) -> BatchPlan:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -81,16 +90,28 @@ class BatchPlan:
             if n < 1:
                 raise ValueError(f"sample {sid} has length {n}; empty samples cannot be trained on")
             length_of[int(sid)] = min(int(n), total_seq_len)
+        if reuse < 1 or reuse_window < 1:
+            raise ValueError(f"--reuse and --reuse-window must be >= 1, got {reuse} and {reuse_window}")
         order = [int(s) for s in sample_ids]
         if shuffle:
             random.Random(derive_seed("plan", seed, epoch)).shuffle(order)
+        if reuse > 1:
+            rng = random.Random(derive_seed("reuse", seed, epoch))
+            expanded = []
+            for start in range(0, len(order), reuse_window):
+                window = order[start : start + reuse_window]
+                for _ in range(reuse):
+                    copy = list(window)
+                    rng.shuffle(copy)
+                    expanded += copy
+            order = expanded
         batches: list[tuple[int, ...]] = []
         batch_tokens: list[int] = []
         current: list[int] = []
         used = 0
         for sid in order:
             n = length_of[sid]
-            if current and used + n > total_seq_len:
+            if current and (used + n > total_seq_len or sid in current):
                 batches.append(tuple(current))
                 batch_tokens.append(used)
                 current, used = [], 0
@@ -146,6 +167,13 @@ class BatchPlan:
         """Every sample id ``rank`` will train on from ``start_step`` on, in training order: what a
         streaming trainer rank must ask producers for."""
         return [sid for _, ids in self.iter_steps(rank, start_step) for sid in ids]
+
+    def use_counts(self) -> dict[int, int]:
+        """How many times each sample is trained on in this epoch (``reuse`` for every id)."""
+        counts: dict[int, int] = {}
+        for sid in self.all_sample_ids():
+            counts[sid] = counts.get(sid, 0) + 1
+        return counts
 
     def all_sample_ids(self) -> list[int]:
         return [sid for b in self.batches for sid in b]

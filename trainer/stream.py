@@ -194,12 +194,38 @@ class StreamSampleSource:
     def schedule(self, epoch: int, sample_ids: Sequence[int]) -> None:
         """This rank will fetch these samples of ``epoch`` next, in this order (repeats = reuse)."""
         ids = [int(s) for s in sample_ids]
+        peak = self.peak_live_bytes(ids)
+        if peak > self.buffer.budget_bytes:
+            raise ValueError(
+                f"rank {self.config.rank}: samples waiting for their next use need {peak / 1e6:.1f} MB at once but "
+                f"--buffer-bytes is {self.buffer.budget_bytes / 1e6:.1f} MB; raise it or lower --reuse-window / --total-seq-len"
+            )
         with self._order_lock:
             self._fetch_order.extend((epoch, sid) for sid in ids)
         self._commands.put(("need", epoch, ids))
 
     def lengths(self, sample_ids: Sequence[int]) -> list[int]:
         return [self._length_of(s) for s in sample_ids]
+
+    def _nbytes(self, sample_id: int) -> int:
+        return sample_nbytes(self._length_of(sample_id), len(self.target.layer_ids), self.target.hidden_size, self._dtype)
+
+    def peak_live_bytes(self, sample_ids: Sequence[int]) -> int:
+        """Most bytes held at once when fetching ``sample_ids`` in order: a sample occupies the
+        buffer from just before its first use until its last. Above the budget, the rank would
+        wait forever for room that only its own future uses can free."""
+        last_use = {sid: i for i, sid in enumerate(sample_ids)}
+        live: set[int] = set()
+        held = peak = 0
+        for i, sid in enumerate(sample_ids):
+            if sid not in live:
+                live.add(sid)
+                held += self._nbytes(sid)
+                peak = max(peak, held)
+            if last_use[sid] == i:
+                live.discard(sid)
+                held -= self._nbytes(sid)
+        return peak
 
     def fetch(self, sample_ids: Sequence[int]) -> FetchResult:
         with self._order_lock:
@@ -479,8 +505,7 @@ class StreamSampleSource:
 
     def _fits(self, key: tuple[int, int]) -> bool:
         """Reserve the key's room in the buffer (a no-op if it already holds some)."""
-        nbytes = sample_nbytes(self._length_of(key[1]), len(self.target.layer_ids), self.target.hidden_size, self._dtype)
-        return self.buffer.reserve(key, nbytes, uses=self._uses.get(key, 1))
+        return self.buffer.reserve(key, self._nbytes(key[1]), uses=self._uses.get(key, 1))
 
     def _grant(self, control: zmq.Socket) -> None:
         granted = True

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--buffer-bytes", type=int, default=None, help="replay buffer budget per rank (default: 4 full batches)")
     g.add_argument("--lease-seconds", type=float, default=120.0, help="a grant not delivered in time goes to another producer")
     g.add_argument("--stall-timeout", type=float, default=1800.0, help="give up when a batch's samples do not arrive in time")
+    g.add_argument("--reuse", type=int, default=1,
+                   help="train every sample K times per epoch, its uses within --reuse-window samples: the target runs once per K uses")  # fmt: skip
+    g.add_argument("--reuse-window", type=int, default=64, help="samples whose --reuse uses are interleaved (the buffer must hold them)")
     g.add_argument("--spill-dir", default=None, help="also write every received sample as hs_{i}.safetensors (tee)")
     g.add_argument("--skip-nonfinite", action="store_true", help="skip and count samples with NaN/Inf instead of stopping")
     g.add_argument("--target-dtype", default=None, help="dtype producers capture in (default: the verifier checkpoint's)")
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 grad_accum_steps=args.grad_accum_steps, noise_std=args.noise_std, log_every=args.log_every,
                 checkpoint_freq=args.checkpoint_freq, save_every_steps=args.save_every_steps,
                 precision=args.precision, tracker=args.tracker, log_dir=args.log_dir, run_name=args.run_name,
-                progress=not args.no_progress,
+                progress=not args.no_progress, reuse=args.reuse, reuse_window=args.reuse_window,
             )  # fmt: skip
             verifier_config = read_verifier_config(args.verifier_name_or_path)
             aux_ids = resolve_aux_layer_ids(args.target_layer_ids, int(verifier_config["num_hidden_layers"]))

@@ -46,14 +46,14 @@ def env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def expected_record(data: str, *, epochs: int, world: int, seed: int = 7, total_seq_len: int = 384) -> dict:
+def expected_record(data: str, *, epochs: int, world: int, seed: int = 7, total_seq_len: int = 384, reuse: int = 1, reuse_window: int = 64) -> dict:
     """(epoch, step, logical rank) -> planned sample ids, as the trainer plans them."""
     dataset = PreparedDataset(data)
     train_ids, _ = split_train_val(len(dataset), val_ratio=0.1, seed=seed)
     expected = {}
     for epoch in range(epochs):
         plan = BatchPlan.build(sample_ids=train_ids, lengths=dataset.lengths(train_ids), seed=seed, epoch=epoch,
-                               world_size=world, total_seq_len=total_seq_len)  # fmt: skip
+                               world_size=world, total_seq_len=total_seq_len, reuse=reuse, reuse_window=reuse_window)  # fmt: skip
         for step in range(plan.num_steps):
             for rank in range(world):
                 expected[(epoch, step, rank)] = plan.batches_for(rank, step)
@@ -220,3 +220,15 @@ def test_curve_over_tcp_admits_the_authorized_producer_only(workload, tmp_path):
         stranger.kill()
     assert "producer friend joined" in done.stderr and "stranger" not in done.stderr
     assert_record_matches_plan(save, expected_record(workload["data"], epochs=1, world=1))
+
+
+def test_reuse_trains_each_sample_k_times_while_the_target_runs_once(workload, tmp_path):
+    save = tmp_path / "save"
+    cmd = [*CLI, "run", "--model", workload["model"], "--data", workload["data"], "--save-path", str(save),
+           "--num-producers", "1", "--", "--epochs", "2", "--reuse", "3", "--reuse-window", "8", *TRAIN_ARGS]  # fmt: skip
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_record_matches_plan(save, expected_record(workload["data"], epochs=2, world=1, reuse=3, reuse_window=8))
+    rows = len(PreparedDataset(workload["data"]))
+    log = (save / "logs" / "producer-0.log").read_text()
+    assert f"streamed {2 * rows} samples" in log  # train + validation rows, once per epoch

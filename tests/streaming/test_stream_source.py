@@ -175,3 +175,14 @@ def test_work_of_a_producer_that_vanishes_is_granted_to_another(tmp_path, backen
     source.close()
     thread.join(20)
     ctx.destroy(linger=0)
+
+
+def test_a_reuse_window_the_buffer_cannot_hold_is_refused_up_front(tmp_path, backend, rows):
+    largest = max(sample_nbytes(r.input_ids.shape[0], 4, backend.describe().hidden_size, torch.float32) for r in rows.values())
+    source = make_source(tmp_path, backend, rows, buffer_bytes=3 * largest)
+    try:
+        source.schedule(0, [0, 1, 0, 1])  # two samples live at once: fits
+        with pytest.raises(ValueError, match="--buffer-bytes"):
+            source.schedule(1, [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5])  # six live at once
+    finally:
+        source.close()

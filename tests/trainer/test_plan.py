@@ -127,3 +127,18 @@ def test_plan_invariants_hold_for_any_input(lengths, world_size, total_seq_len, 
     for b, nxt in zip(plan.batches, plan.batches[1:]):
         used = sum(min(lengths[i], total_seq_len) for i in b)
         assert used + min(lengths[nxt[0]], total_seq_len) > total_seq_len
+
+
+def test_reuse_trains_every_sample_k_times_within_its_window_and_never_twice_in_a_batch():
+    ids = list(range(40))
+    plan = BatchPlan.build(sample_ids=ids, lengths=[10 + i % 7 for i in ids], seed=3, epoch=1, world_size=2,
+                           total_seq_len=64, reuse=3, reuse_window=8)  # fmt: skip
+    assert plan.use_counts() == {i: 3 for i in ids}
+    assert all(len(set(batch)) == len(batch) for batch in plan.batches)
+    order = plan.all_sample_ids()
+    for sid in ids:
+        positions = [i for i, s in enumerate(order) if s == sid]
+        assert positions[-1] - positions[0] < 3 * 8  # all uses inside the window's K copies
+    again = BatchPlan.build(sample_ids=ids, lengths=[10 + i % 7 for i in ids], seed=3, epoch=1, world_size=2,
+                            total_seq_len=64, reuse=3, reuse_window=8)  # fmt: skip
+    assert again.fingerprint == plan.fingerprint
