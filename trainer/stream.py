@@ -137,6 +137,16 @@ class _Producer:
     bytes: int = 0
 
 
+def _drain(sock: zmq.Socket, handle: Callable[[list], None], limit: int = 64) -> None:
+    """Handle up to ``limit`` waiting messages, so neither socket starves the other."""
+    for _ in range(limit):
+        try:
+            frames = recv_frames(sock, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        handle(frames)
+
+
 class _Nonfinite(PackedSample):
     """Tombstone stored for a sample whose hidden states held NaN/Inf (with --skip-nonfinite): it
     occupies no bytes and ``fetch`` reports its id as skipped."""
@@ -314,18 +324,10 @@ class StreamSampleSource:
                     self._broadcast(control, EndOfStream(reason=command[1]))
                     return
                 self._command(command)
-            for _ in range(64 if data in events else 0):
-                try:
-                    frames = recv_frames(data, flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._on_data(frames)
-            for _ in range(64 if control in events else 0):
-                try:
-                    frames = recv_frames(control, flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._on_control(control, frames)
+            if data in events:
+                _drain(data, self._on_data)
+            if control in events:
+                _drain(control, lambda frames: self._on_control(control, frames))
             now = time.monotonic()
             if now - last_tick > 0.1:
                 last_tick = now
