@@ -107,7 +107,10 @@ class LeaseTable:
         for _, key in sorted(self._returned):
             if key in self._pending_set:
                 yield key
-        yield from self._fresh
+        # A fresh key can leave the pending set without a grant: its sample arrived unasked (a
+        # producer still serving a restarted trainer's old lease). It stays in the deque until it
+        # reaches the head, so filter here.
+        yield from (key for key in self._fresh if key in self._pending_set)
 
     def peek_pending(self, limit: int) -> list[Key]:
         return list(itertools.islice(self._pending_in_order(), limit))

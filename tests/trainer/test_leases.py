@@ -130,3 +130,13 @@ def test_random_failures_never_lose_or_duplicate_a_sample():
                         kept.append(key)
     assert sorted(kept) == sorted(keys)
     assert leases.num_outstanding == 0 and leases.num_pending == 0
+
+
+def test_a_sample_that_arrives_before_it_was_granted_is_never_granted_again():
+    leases, _ = table()
+    leases.need([(0, i) for i in range(4)])
+    assert leases.on_sample(0, 2)  # delivered unasked, e.g. on a restarted trainer's old lease
+    lease = leases.take("p", limit=10)
+    assert lease.sample_ids == (0, 1, 3)
+    assert leases.peek_pending(10) == [] and leases.num_pending == 0
+    assert not leases.on_sample(0, 2)
