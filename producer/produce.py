@@ -7,8 +7,12 @@
       not yet on disk                   batch ─> forward + hooks ───┤     (bounded)            hs_{i}.safetensors
                                         Sample(i, token_ids, mask,  └─> (network sink: streaming issue)
                                                hidden [T, L, H])
+                          ──────────>  backend: VLLMBackend (--backend vllm) ─> vLLM's DraftstreamConnector
+                                        rows + file://DIR                         writes hs_{i}.safetensors itself
 
-The loop (``run_producer``) only knows the ``Sink`` protocol. Spill runs are resumable: indices
+The loop (``run_producer``) only knows the ``Sink`` protocol; with ``--backend vllm`` the engine's
+connector writes the files (or pushes to trainer ranks with ``--connect``) and the producer only
+submits rows and collects delivery reports (``producer.vllm_backend``). Spill runs are resumable: indices
 whose ``hs_{i}.safetensors`` is complete are skipped, temporaries of killed writers are removed
 (only this rank's), and ``--validate`` re-reads every file of this rank against the dataset.
 """
@@ -58,14 +62,26 @@ class ProduceConfig:
     world_size: int = 1
     rank: int = 0
     skip_nonfinite: bool = False
+    # --backend vllm only:
+    endpoint: str | None = None  # a running `draftstream launch-vllm` server; None: in-process engine
+    served_model_name: str | None = None
+    concurrency: int = 16
+    report_endpoint: str | None = None
+    report_timeout: float = 300.0
+    vllm_engine_args: str | None = None  # JSON object of extra vllm.LLM arguments
 
     def __post_init__(self) -> None:
         if (self.spill is None) == (not self.connect):
             raise ValueError("give exactly one of --spill DIR (write files) or --connect ENDPOINT (stream to a trainer)")
         if self.connect and (self.validate or self.world_size != 1 or self.max_samples is not None):
             raise ValueError("--validate, --world-size and --max-samples apply to --spill; with --connect the trainer decides the rows")
-        if self.backend == "vllm":
-            raise ValueError("--backend vllm is not available yet (it arrives with the vLLM connector); use --backend hf")
+        if self.backend != "vllm":
+            given = [flag for flag, value in (("--endpoint", self.endpoint), ("--served-model-name", self.served_model_name),
+                     ("--report-endpoint", self.report_endpoint), ("--vllm-engine-args", self.vllm_engine_args)) if value]
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to --backend vllm only")
+        elif self.device != "auto":
+            raise ValueError("--device applies to --backend hf; vLLM places itself (CUDA_VISIBLE_DEVICES, --vllm-engine-args)")
         if self.backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.dtype not in DTYPE_CHOICES:
@@ -197,6 +213,69 @@ def validate_spill(directory: str | Path, dataset, indices: Iterable[int], *, nu
     return report
 
 
+def make_vllm_backend(config: ProduceConfig, *, spill_dir: Path | None = None):
+    """The ``--backend vllm`` backend; an in-process engine may spill under ``spill_dir`` only."""
+    import json
+
+    from producer.vllm_backend import VLLMBackend, VLLMBackendConfig
+
+    try:
+        engine_args = json.loads(config.vllm_engine_args) if config.vllm_engine_args else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--vllm-engine-args must be a JSON object: {e}") from None
+    if not isinstance(engine_args, dict):
+        raise ValueError("--vllm-engine-args must be a JSON object, e.g. '{\"gpu_memory_utilization\": 0.8}'")
+    extra: dict = {"spill_dirs": [str(spill_dir.resolve())]} if spill_dir is not None else {}
+    if config.curve_secret_key:
+        extra.update(curve_secret_key=str(Path(config.curve_secret_key).resolve()), curve_server_key=str(Path(config.curve_server_key).resolve()))
+    return VLLMBackend(
+        VLLMBackendConfig(
+            model=config.model,
+            layer_ids=config.target_layer_ids,
+            dtype=config.dtype,
+            endpoint=config.endpoint,
+            served_model_name=config.served_model_name,
+            concurrency=config.concurrency,
+            report_endpoint=config.report_endpoint,
+            engine_args=engine_args,
+            connector_extra=extra,
+        )
+    )
+
+
+def _spill_with_vllm(config: ProduceConfig, dataset, todo: list[int], spill: Path, report: ProduceReport, stop) -> set[int]:
+    """``--backend vllm --spill``: vLLM's connector writes the files; returns the rows skipped for NaN/Inf."""
+    from tqdm import tqdm
+
+    from producer.vllm_backend import spill_rows
+
+    backend = make_vllm_backend(config, spill_dir=spill)
+    log.info("target: %s", backend.describe())
+    try:
+        with tqdm(total=len(todo), unit="row", desc="capture (vllm)", dynamic_ncols=True) as bar:
+            stats = spill_rows(
+                backend,
+                iter_rows(dataset, todo),
+                spill,
+                max_batch_tokens=config.max_batch_tokens,
+                report_timeout_seconds=config.report_timeout,
+                stop=stop,
+                progress=bar,
+            )
+    finally:
+        backend.close()
+    report.num_captured, report.num_tokens = stats.num_submitted, stats.num_tokens
+    report.num_written = stats.num_written
+    report.num_skipped_nonfinite = stats.num_nonfinite
+    report.stopped_early = stats.stopped_early
+    if stats.nonfinite_ids and not config.skip_nonfinite:
+        stats.failed.update({i: "hidden states contain NaN or Inf (pass --skip-nonfinite to skip and count such rows)" for i in stats.nonfinite_ids})
+    if stats.failed:
+        first = sorted(stats.failed.items())[:5]
+        raise ValueError(f"{len(stats.failed)} rows were not written; first: " + "; ".join(f"row {i}: {why}" for i, why in first))
+    return set(stats.nonfinite_ids)
+
+
 def produce(config: ProduceConfig, *, stop: threading.Event | None = None) -> ProduceReport:
     """Spill run: capture this rank's missing rows into ``config.spill``, then optionally validate."""
     import datasets
@@ -222,7 +301,12 @@ def produce(config: ProduceConfig, *, stop: threading.Event | None = None) -> Pr
     log.info("%d rows for this rank, %d already on disk, %d to capture", len(selected), report.num_already_done, len(todo))
 
     sink = None
-    if todo:
+    skipped: set[int] = set()
+    if todo and config.backend == "vllm":
+        start = time.perf_counter()
+        skipped = _spill_with_vllm(config, dataset, todo, spill, report, stop)
+        report.seconds = time.perf_counter() - start
+    elif todo:
         start = time.perf_counter()
         backend = HFCapture(
             CaptureConfig(
@@ -252,7 +336,7 @@ def produce(config: ProduceConfig, *, stop: threading.Event | None = None) -> Pr
     if config.validate:
         report.validation = validate_spill(spill, dataset, selected, num_slots=len(layer_ids), hidden_size=hidden_size)
         # Rows skipped on purpose (--skip-nonfinite) have no file: that is not a validation failure.
-        skipped = set(sink.stats.skipped_nonfinite_ids) if sink is not None else set()
+        skipped |= set(sink.stats.skipped_nonfinite_ids) if sink is not None else set()
         report.validation.missing = [i for i in report.validation.missing if i not in skipped]
     return report
 
@@ -279,9 +363,12 @@ def stream(config: ProduceConfig, *, stop: threading.Event | None = None) -> int
     fingerprint = dataset_fingerprint(dataset)
     dataset.set_format("torch", columns=["input_ids", "loss_mask"])
     layer_ids, _ = _captured_layout(config)
-    backend = HFCapture(
-        CaptureConfig(model=config.model, dtype=config.dtype, device=config.device, layer_ids=layer_ids, max_batch_tokens=config.max_batch_tokens)
-    )
+    if config.backend == "vllm":
+        backend = make_vllm_backend(config)
+    else:
+        backend = HFCapture(
+            CaptureConfig(model=config.model, dtype=config.dtype, device=config.device, layer_ids=layer_ids, max_batch_tokens=config.max_batch_tokens)
+        )
     log.info("target: %s", backend.describe())
 
     def row(sample_id: int) -> CaptureRow:
@@ -314,7 +401,7 @@ def stream(config: ProduceConfig, *, stop: threading.Event | None = None) -> int
         report = client.run()
     finally:
         backend.close()
-    log.info("streamed %d samples (%.2f GB) in %d leases", report.samples, report.bytes / 1e9, report.leases)
+    log.info("streamed %d samples (%.2f GB) in %d leases; %d samples failed", report.samples, report.bytes / 1e9, report.leases, report.failed_samples)
     return report.exit_code
 
 
@@ -333,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--curve-secret-key", default=None, help="streaming: this producer's CURVE secret key file")
     parser.add_argument("--curve-server-key", default=None, help="streaming: the trainer's CURVE public key file")
     parser.add_argument("--max-samples", type=int, default=None, help="only the first N rows of the dataset")
-    parser.add_argument("--backend", default="hf", choices=BACKENDS, help="capture backend (vllm: not available yet)")
+    parser.add_argument("--backend", default="hf", choices=BACKENDS, help="capture backend: hf (transformers, default) or vllm")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="target dtype (auto: the checkpoint's)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument(
@@ -344,6 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world-size", type=int, default=1, help="number of producer processes sharing the rows")
     parser.add_argument("--rank", type=int, default=0, help="this producer's rank: takes rows with i %% world-size == rank")
     parser.add_argument("--skip-nonfinite", action="store_true", help="skip and count rows with NaN/Inf instead of failing")
+    vllm = parser.add_argument_group("--backend vllm")
+    vllm.add_argument("--endpoint", default=None, help="a running `draftstream launch-vllm` server, http://HOST:PORT (default: an in-process engine)")
+    vllm.add_argument("--served-model-name", default=None, help="the server's model name (default: the first it lists)")
+    vllm.add_argument("--concurrency", type=int, default=16, help="requests in flight against --endpoint (default 16)")
+    vllm.add_argument("--report-endpoint", default=None, help="where vLLM's connector reports deliveries (default: ipc:// in a temp folder; tcp://THIS_HOST:PORT when vLLM runs elsewhere)")
+    vllm.add_argument("--report-timeout", type=float, default=300.0, help="spill: seconds to wait for the last files to be reported written")
+    vllm.add_argument("--vllm-engine-args", default=None, help='in-process engine: JSON of more vllm.LLM arguments, e.g. \'{"gpu_memory_utilization": 0.8}\'')
     return parser
 
 
@@ -359,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
             return stream(config, stop=stop)
         report = produce(config, stop=stop)
-    except (ValueError, TimeoutError) as e:
+    except (ValueError, TimeoutError, ConnectionError) as e:
         print(f"draftstream produce: error: {e}", file=sys.stderr)
         return 1
     print(report.format())

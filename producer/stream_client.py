@@ -11,6 +11,10 @@ batch of granted rows (across grants and ranks, up to the backend's token budget
 sample to the data endpoint of the rank that granted it, and reports ``LeaseDone``. Memory on
 the trainer is bounded by its grants; here by the backend's batch and the sockets' HWM.
 
+With a ``PushingBackend`` (vLLM) this process holds no tensors: it submits the granted rows with
+their rank's data endpoint, and the engine's connector pushes the samples there. A row the engine
+refuses, or a delivery the connector reports failed, goes back to its rank as ``LeaseFailed``.
+
 A rank that restarts answers our messages with ``Error(unknown_producer)`` (or stays silent past
 ``trainer_timeout_seconds``): we drop its queued grants, whose leases died with it, and say hello
 again; ZeroMQ reconnects the sockets by itself. The run ends when every rank sent ``EndOfStream``.
@@ -28,8 +32,9 @@ from collections.abc import Callable
 
 import zmq
 
-from producer.backend import CaptureBackend, CaptureRow
-from protocol.codec import DEFAULT_CHUNK_BYTES
+from producer.backend import CaptureBackend, CaptureRow, PushingBackend, PushJob
+from protocol.codec import DEFAULT_CHUNK_BYTES, DTYPES
+from protocol.credit import sample_nbytes
 from protocol.messages import (
     EndOfStream,
     Error,
@@ -75,6 +80,7 @@ class _Rank:
     control_endpoint: str
     control: zmq.Socket
     data: zmq.Socket | None = None
+    data_endpoint: str = ""
     welcomed: bool = False
     refused: str = ""
     done: bool = False
@@ -88,6 +94,7 @@ class _Work:
     grant: Grant
     remaining: collections.deque  # sample ids not yet captured
     sent: int = 0
+    failed: int = 0  # given back with LeaseFailed (pushing backends)
 
 
 @dataclasses.dataclass
@@ -96,6 +103,7 @@ class StreamReport:
     bytes: int = 0
     leases: int = 0
     dropped_leases: int = 0
+    failed_samples: int = 0
     exit_code: int = 0
 
 
@@ -105,7 +113,7 @@ class StreamProducer:
     def __init__(
         self,
         config: StreamClientConfig,
-        backend: CaptureBackend,
+        backend: CaptureBackend | PushingBackend,
         row: Callable[[int], CaptureRow],
         *,
         stop: threading.Event | None = None,
@@ -126,6 +134,10 @@ class StreamProducer:
         )
         self.report = StreamReport()
         self._work: collections.deque[_Work] = collections.deque()
+        self._pushing = isinstance(backend, PushingBackend)
+        # ticket -> (rank, lease id, sample id) of samples the connector has not reported on yet;
+        # bounded: a connector that cannot reach us never reports, and leases expire anyway.
+        self._tickets: collections.OrderedDict[int, tuple[_Rank, int, int]] = collections.OrderedDict()
 
     def run(self) -> StreamReport:
         ctx = zmq.Context()
@@ -194,6 +206,8 @@ class StreamProducer:
                         logger.warning("malformed message from rank %s: %s", rank.name, e)
                         continue
                     self._on_control(ctx, rank, message)
+            if self._pushing:
+                self._on_reports()
             if self._work:
                 self._capture_some()
 
@@ -212,7 +226,8 @@ class StreamProducer:
                 rank.refused = message.reason
                 logger.error("rank %s refused us: %s", rank.name, message.reason)
                 return
-            if rank.data is None:
+            rank.data_endpoint = message.data_endpoint
+            if rank.data is None and not self._pushing:
                 rank.data = make_socket(ctx, zmq.PUSH, self.config.socket, connect=message.data_endpoint)
                 rank.data.setsockopt(zmq.SNDTIMEO, int(self.config.send_timeout_seconds * 1000))
             rank.welcomed = True
@@ -246,15 +261,18 @@ class StreamProducer:
                 break
         owner = {row.sample_id: work for work, row in rows}
         try:
-            for sample in self.backend.capture([row for _, row in rows]):
-                work = owner[sample.sample_id]
-                sample.epoch, sample.lease_id = work.grant.epoch, work.grant.lease_id
-                self._push(work, sample)
+            if self._pushing:
+                self._submit(rows)
+            else:
+                for sample in self.backend.capture([row for _, row in rows]):
+                    work = owner[sample.sample_id]
+                    sample.epoch, sample.lease_id = work.grant.epoch, work.grant.lease_id
+                    self._push(work, sample)
         except Exception as e:
             for work in {id(w): w for w, _ in rows}.values():
                 self._fail(work, f"{type(e).__name__}: {e}")
             raise
-        while self._work and not self._work[0].remaining and self._work[0].sent == len(self._work[0].grant.sample_ids):
+        while self._work and not self._work[0].remaining and self._work[0].sent + self._work[0].failed == len(self._work[0].grant.sample_ids):
             work = self._work.popleft()
             if work.rank.welcomed and _writable(work.rank.control):
                 send_message(work.rank.control, LeaseDone(lease_id=work.grant.lease_id, num_samples=work.sent), flags=zmq.NOBLOCK)
@@ -275,9 +293,45 @@ class StreamProducer:
         self.report.bytes += sample.nbytes
 
     def _fail(self, work: _Work, reason: str) -> None:
-        if work.rank.welcomed and _writable(work.rank.control):
-            ids = list(work.grant.sample_ids)
-            send_message(work.rank.control, LeaseFailed(lease_id=work.grant.lease_id, sample_ids=ids, reason=reason), flags=zmq.NOBLOCK)
+        self._fail_ids(work.rank, work.grant.lease_id, list(work.grant.sample_ids), reason)
+
+    def _fail_ids(self, rank: _Rank, lease_id: int, sample_ids: list[int], reason: str) -> None:
+        if rank.welcomed and _writable(rank.control):
+            send_message(rank.control, LeaseFailed(lease_id=lease_id, sample_ids=sample_ids, reason=reason), flags=zmq.NOBLOCK)
+
+    # ---- pushing backends (vLLM): the engine's connector sends the samples -----------------
+
+    _MAX_TICKETS = 100_000
+
+    def _submit(self, rows: list[tuple[_Work, CaptureRow]]) -> None:
+        jobs = [
+            PushJob(row=row, destination=work.rank.data_endpoint, epoch=work.grant.epoch, lease_id=work.grant.lease_id)
+            for work, row in rows
+        ]
+        dtype = DTYPES[self.hello.dtype]
+        for (work, row), result in zip(rows, self.backend.submit(jobs)):
+            if result.error:
+                logger.warning("rank %s sample %d not captured: %s", work.rank.name, row.sample_id, result.error)
+                self._fail_ids(work.rank, work.grant.lease_id, [int(row.sample_id)], result.error)
+                work.failed += 1
+                self.report.failed_samples += 1
+                continue
+            work.sent += 1
+            self.report.samples += 1
+            self.report.bytes += sample_nbytes(len(row.input_ids), len(self.hello.layer_ids), self.hello.hidden_size, dtype)
+            self._tickets[result.ticket] = (work.rank, work.grant.lease_id, int(row.sample_id))
+            while len(self._tickets) > self._MAX_TICKETS:
+                self._tickets.popitem(last=False)
+
+    def _on_reports(self) -> None:
+        for report in self.backend.poll_reports():
+            entry = self._tickets.pop(report.ticket, None)
+            if entry is None or report.ok:
+                continue
+            rank, lease_id, sample_id = entry
+            logger.warning("rank %s sample %d not delivered: %s", rank.name, sample_id, report.reason)
+            self.report.failed_samples += 1
+            self._fail_ids(rank, lease_id, [sample_id], report.reason)
 
 
 def _writable(sock: zmq.Socket) -> bool:

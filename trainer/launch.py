@@ -128,6 +128,7 @@ def run(args: argparse.Namespace, train_args: list[str]) -> int:
             producers.append(Child(f"producer-{i}", subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT), log_path))
     logger.info("started trainer (%d rank%s) and %d producers; producer logs in %s", args.nproc_per_node, "s" * (args.nproc_per_node > 1), len(producers), logs)
     exit_code = 0
+    reported: set[str] = set()  # producers whose death was already logged
     try:
         while True:
             if stop["signal"] is not None:
@@ -149,9 +150,11 @@ def run(args: argparse.Namespace, train_args: list[str]) -> int:
                     _terminate([trainer], args.grace_seconds)
                     exit_code = code if code > 0 else 1
                     return exit_code
-                elif code != 0:
+                elif code != 0 and child.name not in reported:
+                    reported.add(child.name)
                     logger.warning("%s; its work goes to the remaining producers", child.describe_exit())
-            if producers and not alive and trainer.process.poll() is None and any(c.process.returncode != 0 for c in producers):
+            # All producers failed (none left because the trainer ended the stream): stop.
+            if producers and not alive and trainer.process.poll() is None and all(c.process.returncode != 0 for c in producers):
                 logger.error("every producer has died; stopping the trainer")
                 _terminate([trainer], args.grace_seconds)
                 return 1

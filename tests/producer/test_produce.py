@@ -166,11 +166,14 @@ def test_producer_loop_feeds_any_sink_and_stops_when_asked():
     assert [(s.sample_id, s.epoch, s.lease_id) for s in sink.samples] == [(0, 2, 5), (1, 2, 5), (2, 2, 5)]
 
 
-def test_vllm_backend_is_reserved_with_a_clear_error(capsys):
-    with pytest.raises(ValueError, match="--backend vllm is not available yet"):
-        ProduceConfig(model="m", data="d", spill="s", backend="vllm")
-    assert main(["--model", "m", "--data", "d", "--spill", "s", "--backend", "vllm"]) == 1
-    assert "not available yet" in capsys.readouterr().err
+def test_vllm_flags_need_the_vllm_backend(capsys):
+    ProduceConfig(model="m", data="d", spill="s", backend="vllm", endpoint="http://127.0.0.1:8000")
+    with pytest.raises(ValueError, match="--endpoint apply to --backend vllm only"):
+        ProduceConfig(model="m", data="d", spill="s", endpoint="http://127.0.0.1:8000")
+    with pytest.raises(ValueError, match="--device applies to --backend hf"):
+        ProduceConfig(model="m", data="d", spill="s", backend="vllm", device="cuda:1")
+    assert main(["--model", "m", "--data", "d", "--spill", "s", "--report-endpoint", "ipc:///tmp/r"]) == 1
+    assert "apply to --backend vllm only" in capsys.readouterr().err
 
 
 def test_rank_selection_and_flag_errors():
