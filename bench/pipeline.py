@@ -1,0 +1,609 @@
+"""Pipeline benchmark: the same training job done four ways in one run, to show that streaming costs
+no more than its slowest stage and writes no hidden states to disk.
+
+::
+
+    (a) streaming        draftstream run --num-producers P -- <train flags>
+                         producer(s) --ZeroMQ ipc--> trainer rank (replay buffer), no hs files
+    (b) offline          draftstream produce --spill DIR  (P processes, --world-size P)
+                         then draftstream train --hidden-states-path DIR <same train flags>
+    (c) producer alone   P worker processes run producer.capture.HFCapture (+ the codec's encode)
+                         over exactly the (epoch, row) keys (a) grants, in its grant order
+    (d) trainer alone    `draftstream train` on (b)'s files, preloaded into an
+                         InMemorySampleSource before training: no producer, no file reads
+
+Regime: this 2-vCPU CPU machine, every child with OMP_NUM_THREADS=1, one trainer rank; the tiny
+local target of ``draftstream make-tiny-target`` (Llama, hidden 64, 8 layers, fp32, random
+weights) and its conversations, prepared at --seq-length 512; an Eagle-3 draft (1 layer, draft
+vocab 256). The default P=1 gives the trainer and the producer a core each; alone, the tiny
+target captures about 4x as many samples per second as the draft trains on, so the producer has
+spare capacity and the trainer is the bottleneck: the regime of the issue's stall target. The
+streaming line reports what the stream really ran at (samples/s in and out, buffer fill).
+
+Figures, per mode:
+
+- process wall: first child started to last child ended (imports, model loads, validation and
+  checkpoints included); for (b) produce + train. Split for the trainer into ``startup`` (until
+  its first step is logged), ``train`` (first to last step line) and ``tail`` (last validation,
+  checkpoint, exits), from the times the lines of ``train_log.jsonl`` appear (0.1 s polls).
+- steady: the trainer's ``step_wall_s`` (wall from the previous step's end to this one's, from
+  ``<save>/train_log.jsonl``) summed over every step but the run's first, which also waits for
+  the producers to start. Validation and checkpoints fall between steps and are not counted; the
+  same sum is taken in (a), (b) and (d). For (c): the capture loop alone (after model load), the
+  longest of the P workers. ``compute ms`` is the median step's own time (draft forward,
+  backward, optimizer), so ``step ms - compute ms`` is what waiting and the loop cost.
+- stall %: ``sum(data_wait_s) / sum(step_wall_s)`` over the same steps: the share of the
+  trainer's wall spent waiting on the prefetch queue for data (the loop's own telemetry).
+- hidden-state bytes written: sizes of ``hs_*`` files under the mode's folders (save path, ipc
+  endpoint, spill folder). Checkpoints and logs are counted apart.
+- peak RSS and CPU seconds: ``VmHWM`` and utime + stime of every process of the mode (children
+  and grandchildren), read from /proc every 0.1 s while it runs.
+- other CPU s: what the rest of the machine burnt meanwhile (/proc/stat busy time minus ours).
+  The machine may be shared; anything above ~10% of the wall is flagged, as it disturbs every
+  figure here.
+
+Ratios are against baselines measured in the same run: ``streaming / max(c, d)`` on steady
+figures (target <= 1.1) and on process walls; ``streaming / offline`` on process walls. Two
+single-threaded processes need two real cores to overlap; a probe measures how many they get
+(the same loop alone and as two concurrent copies), and ``machine_bound_over_max_alone`` is the
+ratio that perfect overlap on that capacity would give: ``max(c, d, (c + d) / cores) / max(c, d)``.
+With ``--repeats N`` every mode runs N times and figures are medians. Setup (building the target
+and preparing the data, in this process) is not timed; it also warms the page cache for the
+children's imports. With ``--out DIR`` artifacts are kept and a PNG of the last streaming run
+(samples/s in and out, buffer fill, stall per step) is written there.
+
+    python -m bench.pipeline [--epochs 3] [--num-producers 1] [--num-conversations 128] [--repeats 2] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.processes import GroupRun, cpu_capacity, run_processes
+
+MODES = ("streaming", "offline", "producer_alone", "trainer_alone")
+TARGET_RATIO = 1.1
+TARGET_STALL_PCT = 3.0
+SEQ_LENGTH = 512  # draftstream prepare --seq-length
+DRAFT_VOCAB = 256
+SEED = 42
+VAL_RATIO = 0.1
+CAPTURE_BATCH_TOKENS = 8192  # draftstream produce --max-batch-tokens default
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "protocol.cli", *args]
+
+
+def _worker(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bench.pipeline", *args]
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1")  # fmt: skip
+    return env
+
+
+def _label(argv: list[str]) -> str | None:
+    """Names for this benchmark's own worker processes (``bench.processes`` names the rest)."""
+    if "bench.pipeline" in argv:
+        if "_capture-worker" in argv:
+            i = argv.index("--rank") if "--rank" in argv else -1
+            return f"capture-{argv[i + 1] if i >= 0 else 0}"
+        if "_memtrain-worker" in argv:
+            return "trainer"
+    return None
+
+
+def run_group(commands: dict[str, list[str]], log_dir: Path, *, watch: Path | None = None) -> GroupRun:
+    return run_processes(commands, log_dir, env=_child_env(), watch=watch, label=_label)
+
+
+def _last_json(path: Path) -> dict:
+    for line in reversed(path.read_text(errors="replace").splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"no JSON line in {path}")
+
+
+# --------------------------------------------------------------------------------------------
+# What the trainer logged, what landed on disk
+
+
+def trainer_figures(train_log: Path, group: GroupRun) -> dict:
+    """Steady-state time and stall from ``train_log.jsonl`` (see the module docstring; ``stall_pct``
+    and ``steady_s`` are None when the loop does not log ``step_wall_s``/``data_wait_s``), and the
+    trainer's timeline in its group: ``startup_s`` until the first step was logged (process start,
+    imports, model build, and in streaming the producers' start too), ``train_span_s`` from the
+    first step's line to the last's (epoch-end validation and checkpoints included), ``tail_s``
+    from there to the end (the last validation and checkpoint, process exits)."""
+    records = [json.loads(line) for line in train_log.read_text().splitlines() if line.strip()]
+    steps = [r for r in records if r.get("kind") == "train"]
+    if not steps:
+        raise RuntimeError(f"{train_log}: no training steps logged")
+    at = [t for t, r in zip(group.line_times_s, records, strict=False) if r.get("kind") == "train"]
+    timeline = {}
+    if len(at) == len(steps):
+        timeline = {"startup_s": at[0], "train_span_s": at[-1] - at[0], "tail_s": group.wall_s - at[-1]}
+    compute = [r["num_tokens"] / r["tokens_per_s"] for r in steps if r.get("tokens_per_s")]
+    figures = {
+        "steps": len(steps),
+        "tokens": sum(int(r["num_tokens"]) for r in steps),
+        "median_compute_ms": 1e3 * statistics.median(compute) if compute else None,
+        "steady_s": None, "stall_pct": None, "stall_pct_all_steps": None, "first_step_s": None,
+        "median_step_ms": None, **timeline,
+    }  # fmt: skip
+    if all("step_wall_s" in r and "data_wait_s" in r for r in steps):
+        steady = steps[1:] or steps
+        wall = sum(r["step_wall_s"] for r in steady)
+        wall_all = sum(r["step_wall_s"] for r in steps)
+        figures.update(
+            steady_s=wall,
+            stall_pct=100.0 * sum(r["data_wait_s"] for r in steady) / wall if wall > 0 else 0.0,
+            stall_pct_all_steps=100.0 * sum(r["data_wait_s"] for r in steps) / wall_all if wall_all > 0 else 0.0,
+            first_step_s=steps[0]["step_wall_s"],
+            median_step_ms=1e3 * statistics.median(r["step_wall_s"] for r in steady),
+        )
+    steady = steps[1:]
+    for key in ("samples_in_per_s", "samples_out_per_s", "buffer_fill"):  # a streaming source's figures
+        if steady and all(key in r and "step_wall_s" in r for r in steady):
+            # Weighted by step time: rates come out as samples over time (per-step rates are bursty).
+            wall = sum(r["step_wall_s"] for r in steady)
+            figures[f"mean_{key}"] = sum(r[key] * r["step_wall_s"] for r in steady) / wall if wall > 0 else None
+    return figures
+
+
+def hs_bytes(*directories: Path) -> int:
+    """Bytes of hidden-state files (``hs_*.safetensors``, temporaries included) under these folders."""
+    return sum(f.stat().st_size for d in directories if d.exists() for f in d.rglob("hs_*") if f.is_file())
+
+
+def tree_bytes(directory: Path) -> int:
+    if not directory.exists():
+        return 0
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+# --------------------------------------------------------------------------------------------
+# The four modes
+
+
+@dataclasses.dataclass(kw_only=True)
+class Job:
+    model: Path
+    data: Path
+    epochs: int
+    num_producers: int
+    total_seq_len: int
+    keys_file: Path  # (epoch, sample id) in the streaming run's grant order, for the producer-alone mode
+
+    def train_flags(self) -> list[str]:
+        # --log-every 1: the loop's stream figures (rates, buffer fill) are then per step.
+        return ["--epochs", str(self.epochs), "--lr", "3e-3", "--total-seq-len", str(self.total_seq_len),
+                "--draft-vocab-size", str(DRAFT_VOCAB), "--val-ratio", str(VAL_RATIO), "--seed", str(SEED),
+                "--log-every", "1", "--no-progress", "--no-resume-from-checkpoint"]  # fmt: skip
+
+
+def _processes(*groups: GroupRun) -> dict[str, dict[str, float]]:
+    return {name: {"peak_rss_mib": g.peak_rss[name] / 2**20, "cpu_s": g.cpu_s[name]} for g in groups for name in g.peak_rss}
+
+
+def run_streaming(job: Job, work: Path) -> dict:
+    save, ipc = work / "save", work / "ipc"
+    cmd = _cli("run", "--model", str(job.model), "--data", str(job.data), "--save-path", str(save), "--num-producers",
+               str(job.num_producers), "--stream-endpoint", f"ipc://{ipc}", "--", *job.train_flags())  # fmt: skip
+    group = run_group({"run": cmd}, work / "logs", watch=save / "train_log.jsonl")
+    return {"wall_s": group.wall_s, **trainer_figures(save / "train_log.jsonl", group), "hs_bytes": hs_bytes(save, ipc),
+            "other_bytes": tree_bytes(save), "processes": _processes(group), "other_cpu_s": group.other_cpu_s}  # fmt: skip
+
+
+def run_offline(job: Job, work: Path) -> dict:
+    spill, save = work / "hidden_states", work / "save"
+    produce = {
+        f"produce-{r}": _cli("produce", "--model", str(job.model), "--data", str(job.data), "--spill", str(spill),
+                             "--world-size", str(job.num_producers), "--rank", str(r))
+        for r in range(job.num_producers)
+    }  # fmt: skip
+    produced = run_group(produce, work / "logs")
+    train = _cli("train", "--verifier-name-or-path", str(job.model), "--data-path", str(job.data),
+                 "--hidden-states-path", str(spill), "--save-path", str(save), *job.train_flags())  # fmt: skip
+    trained = run_group({"train": train}, work / "logs", watch=save / "train_log.jsonl")
+    return {"wall_s": produced.wall_s + trained.wall_s, "produce_wall_s": produced.wall_s, "train_wall_s": trained.wall_s,
+            **trainer_figures(save / "train_log.jsonl", trained), "hs_bytes": hs_bytes(spill),
+            "hs_files": len(list(spill.glob("hs_*.safetensors"))), "other_bytes": tree_bytes(save),
+            "processes": _processes(produced, trained), "other_cpu_s": produced.other_cpu_s + trained.other_cpu_s}  # fmt: skip
+
+
+def run_producer_alone(job: Job, work: Path) -> dict:
+    workers = {
+        f"capture-{r}": _worker("_capture-worker", "--model", str(job.model), "--data", str(job.data), "--keys",
+                                str(job.keys_file), "--rank", str(r), "--num-workers", str(job.num_producers))
+        for r in range(job.num_producers)
+    }  # fmt: skip
+    group = run_group(workers, work / "logs")
+    reports = [_last_json(group.logs[name]) for name in workers]
+    return {"wall_s": group.wall_s, "steady_s": max(r["capture_s"] for r in reports),
+            "capture_s_sum": sum(r["capture_s"] for r in reports), "rows": sum(r["rows"] for r in reports),
+            "tokens": sum(r["tokens"] for r in reports), "hs_bytes": 0, "other_bytes": 0,
+            "processes": _processes(group), "other_cpu_s": group.other_cpu_s}  # fmt: skip
+
+
+def run_trainer_alone(job: Job, work: Path, spill: Path) -> dict:
+    save = work / "save"
+    cmd = _worker("_memtrain-worker", "--verifier-name-or-path", str(job.model), "--data-path", str(job.data),
+                  "--hidden-states-path", str(spill), "--save-path", str(save), *job.train_flags())  # fmt: skip
+    group = run_group({"train": cmd}, work / "logs", watch=save / "train_log.jsonl")
+    report = _last_json(group.logs["train"])
+    return {"wall_s": group.wall_s, **trainer_figures(save / "train_log.jsonl", group), "hs_bytes": 0,
+            "other_bytes": tree_bytes(save), "preload_s": report["preload_s"], "preloaded_samples": report["samples"],
+            "processes": _processes(group), "other_cpu_s": group.other_cpu_s}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Worker processes (started by the modes above)
+
+
+def _capture_worker(argv: list[str]) -> int:
+    """Producer alone: HFCapture (+ encode, as the streaming producer does before sending) over this
+    worker's share of the grant order, in batches of at most one producer's open leases."""
+    p = argparse.ArgumentParser(prog="bench.pipeline _capture-worker")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--keys", required=True)
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=1)
+    args = p.parse_args(argv)
+    import datasets
+
+    from producer.backend import CaptureRow
+    from producer.capture import CaptureConfig, HFCapture
+    from protocol.codec import encode
+    from trainer.stream import StreamConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(StreamConfig)}
+    per_lease, open_leases = defaults["samples_per_lease"], defaults["leases_per_producer"]
+    keys = [tuple(k) for k in json.loads(Path(args.keys).read_text())]
+    # Leases go to whichever producer has room; round-robin over lease-sized chunks is the even split.
+    leases = [keys[i : i + per_lease] for i in range(0, len(keys), per_lease)][args.rank :: args.num_workers]
+    mine = [k for lease in leases for k in lease]
+    dataset = datasets.load_from_disk(args.data)
+    dataset.set_format("torch", columns=["input_ids", "loss_mask"])
+    backend = HFCapture(CaptureConfig(model=args.model, max_batch_tokens=CAPTURE_BATCH_TOKENS))
+    rows = tokens = nbytes = 0
+    batch = per_lease * open_leases  # the streaming producer captures its queued leases together
+    start = time.perf_counter()
+    for i in range(0, len(mine), batch):
+        chunk = mine[i : i + batch]
+        capture_rows = []
+        for _, sid in chunk:
+            item = dataset[sid]  # as the streaming producer looks rows up
+            capture_rows.append(CaptureRow(sid, item["input_ids"], item["loss_mask"]))
+        for sample in backend.capture(capture_rows, epoch=chunk[0][0]):
+            frames = encode(sample)
+            rows += 1
+            tokens += int(sample.token_ids.shape[0])
+            nbytes += sum(len(memoryview(f)) for f in frames)
+    capture_s = time.perf_counter() - start
+    backend.close()
+    print(json.dumps({"rank": args.rank, "rows": rows, "tokens": tokens, "bytes": nbytes, "capture_s": capture_s}))
+    return 0
+
+
+def _memtrain_worker(argv: list[str]) -> int:
+    """Trainer alone: ``draftstream train`` unchanged, except that its file source reads every
+    hidden-state file into an ``InMemorySampleSource`` once, before training, and serves from it."""
+    import trainer.data as data
+    from protocol.hsfile import list_hs_indices
+    from trainer import train
+
+    report: dict = {}
+
+    class PreloadedFileSource(data.FileSampleSource):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            start = time.perf_counter()
+            ids = list_hs_indices(self.directory)
+            self.memory = data.InMemorySampleSource([self.load(i) for i in ids])
+            report.update(samples=len(ids), preload_s=time.perf_counter() - start)
+
+        def fetch(self, sample_ids):
+            return self.memory.fetch(sample_ids)
+
+    # trainer.train imports the class from trainer.data when main() runs, so this swap reaches it.
+    data.FileSampleSource = PreloadedFileSource
+    code = train.main(argv)
+    if not report:
+        raise RuntimeError("trainer.train did not build its source through trainer.data.FileSampleSource; "
+                           "bench.pipeline's trainer-alone mode needs updating")  # fmt: skip
+    print(json.dumps({**report, "exit_code": code}))
+    return int(code or 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Setup, report
+
+
+def prepare_inputs(root: Path, num_conversations: int) -> tuple[Path, Path]:
+    """Tiny target + prepared data with the package's own commands (not timed). They run in this
+    process, through the ``draftstream`` dispatcher: one transformers import instead of two."""
+    from protocol.cli import main as draftstream
+
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    target, prepared = root / "target", root / "prepared"
+    commands = [
+        ["make-tiny-target", "--out", str(target), "--num-conversations", str(num_conversations)],
+        ["prepare", "--model", str(target / "model"), "--data", str(target / "conversations.jsonl"), "--output",
+         str(prepared), "--seq-length", str(SEQ_LENGTH)],
+    ]  # fmt: skip
+    with open(root / "logs" / "setup.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        for command in commands:
+            if draftstream(command) != 0:
+                raise RuntimeError(f"bench pipeline setup: `draftstream {' '.join(command)}` failed; see {log.name}")
+    return target / "model", prepared
+
+
+def probe_capacity(*, attempts: int, quick: bool) -> dict:
+    """``cpu_capacity``, tried again (up to ``attempts`` times) while other processes disturb it;
+    the least disturbed attempt is kept and says whether it was quiet."""
+    best = None
+    for _ in range(attempts):
+        probe = cpu_capacity(repeats=1, iterations=3_000_000) if quick else cpu_capacity()
+        probe["quiet"] = probe["other_cpu_s"] <= 0.1 * probe["elapsed_s"]
+        if best is None or probe["other_cpu_s"] < best["other_cpu_s"]:
+            best = probe
+        if probe["quiet"]:
+            break
+    return best
+
+
+def grant_order(data: Path, *, epochs: int, total_seq_len: int) -> list[tuple[int, int]]:
+    """(epoch, sample id) in the order a 1-rank streaming trainer schedules them: each epoch's
+    training plan, then the validation plan (validation runs, and is streamed, every epoch)."""
+    from trainer.data import PreparedDataset, split_train_val
+    from trainer.plan import BatchPlan
+
+    dataset = PreparedDataset(data)
+    train_ids, val_ids = split_train_val(len(dataset), val_ratio=VAL_RATIO, seed=SEED)
+    val = BatchPlan.build(sample_ids=val_ids, lengths=dataset.lengths(val_ids), seed=SEED, epoch=0, world_size=1,
+                          total_seq_len=total_seq_len, shuffle=False)  # fmt: skip
+    keys = []
+    for epoch in range(epochs):
+        plan = BatchPlan.build(sample_ids=train_ids, lengths=dataset.lengths(train_ids), seed=SEED, epoch=epoch,
+                               world_size=1, total_seq_len=total_seq_len)  # fmt: skip
+        keys += [(epoch, sid) for sid in plan.sample_ids_for(0)] + [(epoch, sid) for sid in val.sample_ids_for(0)]
+    return keys
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """One mode's repeats: the median of every number; per process the largest peak RSS and the
+    median CPU seconds."""
+    out: dict = {}
+    for key in runs[0]:
+        if key == "processes":
+            labels = sorted({label for r in runs for label in r["processes"]})
+            out[key] = {
+                label: {"peak_rss_mib": max(r["processes"].get(label, {}).get("peak_rss_mib", 0.0) for r in runs),
+                        "cpu_s": _median([r["processes"].get(label, {}).get("cpu_s") for r in runs])}
+                for label in labels
+            }  # fmt: skip
+        else:
+            out[key] = _median([r.get(key) for r in runs])
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def summarize(modes: dict, capacity: dict, num_producers: int) -> dict:
+    """The ratios of the issue, and what this machine allows: if producer and trainer overlapped
+    perfectly on the measured capacity C, streaming would take max(c, d, (c + d') / C), where d'
+    is the trainer's work and c the producers' in alone-seconds (P workers ran at min(1, C/P))."""
+    s, c, d = modes["streaming"], modes["producer_alone"], modes["trainer_alone"]
+    slowest = max(c["steady_s"], d["steady_s"]) if d["steady_s"] is not None else None
+    cores = capacity["effective_cores"]
+    producer_work = c["capture_s_sum"] * min(1.0, cores / num_producers)
+    bound = max(c["steady_s"], d["steady_s"], (producer_work + d["steady_s"]) / cores) if slowest else None
+    return {
+        "streaming_over_max_alone": _ratio(s["steady_s"], slowest),
+        "streaming_over_max_alone_wall": _ratio(s["wall_s"], max(c["wall_s"], d["wall_s"])),
+        "streaming_over_offline": _ratio(s["wall_s"], modes["offline"]["wall_s"]),
+        "machine_bound_over_max_alone": _ratio(bound, slowest),
+        "streaming_over_machine_bound": _ratio(s["steady_s"], bound),
+        "stall_pct": s["stall_pct"],
+        "trainer_alone_stall_pct": d["stall_pct"],
+        "target_ratio": TARGET_RATIO,
+        "target_stall_pct": TARGET_STALL_PCT,
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_report(result: dict) -> None:
+    r, m, s, cap = result["regime"], result["modes"], result["summary"], result["cpu_capacity"]
+    print(f"pipeline: {r['num_conversations']} conversations x {r['epochs']} epochs, total-seq-len {r['total_seq_len']}, "
+          f"{r['num_producers']} producer(s) + 1 trainer rank, {r['cpus']} vCPUs giving {cap['effective_cores']:.2f} "
+          f"cores to two busy processes, OMP_NUM_THREADS=1; medians of {r['repeats']} repeat(s)")  # fmt: skip
+    header = (f"{'mode':<16}{'wall s':>8}{'startup':>9}{'train':>8}{'tail':>7}{'steady s':>10}{'stall %':>9}"
+              f"{'step ms':>9}{'compute ms':>12}{'other CPU s':>13}")  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    for mode in MODES:
+        f = m[mode]
+        print(f"{mode:<16}{f['wall_s']:>8.1f}{_fmt(f.get('startup_s'), '.1f'):>9}{_fmt(f.get('train_span_s'), '.1f'):>8}"
+              f"{_fmt(f.get('tail_s'), '.1f'):>7}{_fmt(f.get('steady_s'), '.2f'):>10}{_fmt(f.get('stall_pct'), '.2f'):>9}"
+              f"{_fmt(f.get('median_step_ms'), '.0f'):>9}{_fmt(f.get('median_compute_ms'), '.0f'):>12}"
+              f"{f['other_cpu_s']:>13.1f}")  # fmt: skip
+    print()
+    header = f"{'mode':<16}{'hs bytes':>12}{'ckpt+log bytes':>16}  {'process':<16}{'peak RSS MiB':>13}{'CPU s':>8}"
+    print(header)
+    print("-" * len(header))
+    for mode in MODES:
+        f = m[mode]
+        for i, (label, proc) in enumerate(f["processes"].items()):
+            disk = f"{f['hs_bytes']:>12.0f}{f['other_bytes']:>16.0f}" if i == 0 else " " * 28
+            print(f"{mode if i == 0 else '':<16}{disk}  {label:<16}{proc['peak_rss_mib']:>13.0f}{_fmt(proc['cpu_s'], '.1f'):>8}")
+    print()
+    o, c, d = m["offline"], m["producer_alone"], m["trainer_alone"]
+    print(f"offline = produce {o['produce_wall_s']:.1f} s + train {o['train_wall_s']:.1f} s ({o['hs_files']:.0f} hs files); "
+          f"producer alone captured {c['rows']:.0f} rows / {c['tokens']:.0f} tokens; trainer alone preloaded "
+          f"{d['preloaded_samples']:.0f} samples in {d['preload_s']:.2f} s")  # fmt: skip
+    ratio, wall_ratio, bound, vs_offline = (_fmt(s[k], ".3f") for k in (
+        "streaming_over_max_alone", "streaming_over_max_alone_wall", "machine_bound_over_max_alone", "streaming_over_offline"))
+    cores = cap["effective_cores"]
+    print(f"streaming / max(producer alone, trainer alone): steady {ratio} (target <= {TARGET_RATIO}), process wall "
+          f"{wall_ratio}; perfect overlap on {cores:.2f} cores would give {bound}")  # fmt: skip
+    print(f"streaming / offline (process wall): {vs_offline}; trainer stall in streaming {_fmt(s['stall_pct'], '.2f')} % "
+          f"(target <= {TARGET_STALL_PCT}; from memory {_fmt(s['trainer_alone_stall_pct'], '.2f')} %)")  # fmt: skip
+    st = m["streaming"]
+    if st.get("mean_buffer_fill") is not None:
+        print(f"streaming, steady steps: {st['mean_samples_in_per_s']:.0f} samples/s in, {st['mean_samples_out_per_s']:.0f} "
+              f"out, buffer {100 * st['mean_buffer_fill']:.0f}% full on average (producer alone: "
+              f"{c['rows'] / c['steady_s']:.0f} samples/s)")  # fmt: skip
+    busy = [mode for mode in MODES if m[mode]["other_cpu_s"] > 0.1 * m[mode]["wall_s"]]
+    busy += [] if cap["quiet"] else ["the CPU capacity probe"]
+    if busy:
+        print(f"WARNING: the machine was not quiet: other processes used > 10% of a core during {', '.join(busy)} "
+              "(column 'other CPU s'); these figures are disturbed")  # fmt: skip
+    if s["stall_pct"] is None:
+        print("stall n/a: train_log.jsonl lines carry no step_wall_s/data_wait_s (trainer/loop.py telemetry)")
+    print(f"plot: {result['plot']}" if result["plot"] else f"plot: none ({result['plot_note']})")
+
+
+def plot_streaming(train_log: Path, out: Path) -> Path | None:
+    """Samples/s in and out, buffer fill and stall per step of the streaming run, if logged."""
+    records = [json.loads(line) for line in train_log.read_text().splitlines() if line.strip()]
+    steps = [r for r in records if r.get("kind") == "train"]
+    needed = ("step_wall_s", "data_wait_s", "samples_in_per_s", "samples_out_per_s", "buffer_fill")
+    if not steps or not all(k in r for r in steps for k in needed):
+        return None
+    try:
+        import matplotlib
+    except ImportError:  # the [plot] extra
+        return None
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t, clock = [], 0.0
+    for r in steps:
+        clock += r["step_wall_s"]
+        t.append(clock)
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
+    top.plot(t, [r["samples_in_per_s"] for r in steps], label="samples/s in (producers -> buffer)")
+    top.plot(t, [r["samples_out_per_s"] for r in steps], label="samples/s out (trained)")
+    top.set_ylabel("samples/s")
+    top.legend(loc="upper right")
+    bottom.plot(t, [100 * r["buffer_fill"] for r in steps], label="buffer fill %")
+    bottom.plot(t, [100 * r["data_wait_s"] / r["step_wall_s"] if r["step_wall_s"] else 0 for r in steps], label="stall % (step)")
+    bottom.set_ylabel("%")
+    bottom.set_xlabel("trainer time in steps, s (validation and checkpoints left out)")
+    bottom.legend(loc="upper right")
+    for i in range(1, len(steps)):
+        if steps[i]["epoch"] != steps[i - 1]["epoch"]:
+            for ax in (top, bottom):
+                ax.axvline(t[i - 1], color="grey", linestyle=":", linewidth=1)
+    fig.suptitle("draftstream streaming run (epoch boundaries dotted)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="draftstream bench pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=None, help="default 3 (1 with --quick)")
+    parser.add_argument("--num-producers", type=int, default=1, help="producer processes in (a), (b) and (c)")
+    parser.add_argument("--num-conversations", type=int, default=None, help="default 128 (24 with --quick)")
+    parser.add_argument("--total-seq-len", type=int, default=None, help="tokens per batch; default 1024 (512 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs of every mode (medians); default 2 (1 with --quick)")
+    parser.add_argument("--out", default=None, help="keep artifacts here and write the plot")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_capture-worker"]:
+        return _capture_worker(argv[1:])
+    if argv[:1] == ["_memtrain-worker"]:
+        return _memtrain_worker(argv[1:])
+    args = build_parser().parse_args(argv)
+    epochs = args.epochs or (1 if args.quick else 3)
+    num_conversations = args.num_conversations or (24 if args.quick else 128)
+    total_seq_len = args.total_seq_len or (512 if args.quick else 1024)
+    repeats = args.repeats or (1 if args.quick else 2)
+    if min(epochs, args.num_producers, repeats) < 1 or num_conversations < 2:
+        raise SystemExit("bench pipeline: --epochs, --num-producers and --repeats must be >= 1, --num-conversations >= 2")
+
+    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        print("setup: tiny target, prepared data, CPU capacity probe ...", file=sys.stderr, flush=True)
+        model, data = prepare_inputs(root / "inputs", num_conversations)
+        keys_file = root / "inputs" / "grant_order.json"
+        keys_file.write_text(json.dumps(grant_order(data, epochs=epochs, total_seq_len=total_seq_len)))
+        capacity = probe_capacity(attempts=1 if args.quick else 3, quick=args.quick)
+        job = Job(model=model, data=data, epochs=epochs, num_producers=args.num_producers, total_seq_len=total_seq_len,
+                  keys_file=keys_file)  # fmt: skip
+        runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        for k in range(repeats):
+            work = root / f"r{k}"
+            for mode in MODES:
+                shutil.rmtree(work / mode, ignore_errors=True)
+            print(f"repeat {k + 1}/{repeats}: streaming, offline, producer alone, trainer alone", file=sys.stderr, flush=True)
+            runs["streaming"].append(run_streaming(job, work / "streaming"))
+            runs["offline"].append(run_offline(job, work / "offline"))
+            runs["producer_alone"].append(run_producer_alone(job, work / "producer_alone"))
+            runs["trainer_alone"].append(run_trainer_alone(job, work / "trainer_alone", work / "offline" / "hidden_states"))
+        modes = {mode: aggregate(values) for mode, values in runs.items()}
+        plot, plot_note = None, "pass --out DIR to get one"
+        if args.out:
+            plot = plot_streaming(work / "streaming" / "save" / "train_log.jsonl", root / "pipeline_streaming.png")
+            plot_note = "" if plot else "matplotlib missing, or train_log.jsonl lacks samples_in_per_s/buffer_fill/..."
+        result = {
+            "bench": "pipeline",
+            "regime": {"num_conversations": num_conversations, "epochs": epochs, "num_producers": args.num_producers,
+                       "nproc_per_node": 1, "total_seq_len": total_seq_len, "seq_length": SEQ_LENGTH,
+                       "draft_vocab_size": DRAFT_VOCAB, "repeats": repeats, "cpus": os.cpu_count(), "omp_num_threads": 1,
+                       "quick": args.quick},  # fmt: skip
+            "cpu_capacity": capacity,
+            "modes": modes,
+            "summary": summarize(modes, capacity, args.num_producers),
+            "per_repeat": {mode: [{k: r.get(k) for k in ("wall_s", "steady_s", "stall_pct", "other_cpu_s")} for r in values]
+                           for mode, values in runs.items()},  # fmt: skip
+            "plot": str(plot) if plot else None,
+            "plot_note": plot_note,
+        }
+        print_report(result)
+        print(json.dumps(result))
+    finally:
+        if not args.out:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
