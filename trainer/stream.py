@@ -109,7 +109,7 @@ class StreamConfig:
     advertise_host: str | None = None  # host producers should push data to, when binding 0.0.0.0
     buffer_bytes: int = DEFAULT_BUFFER_BYTES  # --buffer-bytes
     lease_seconds: float = 120.0  # --lease-seconds
-    samples_per_lease: int = 4
+    samples_per_lease: int = 8
     leases_per_producer: int = 2
     heartbeat_seconds: float = 2.0
     producer_timeout_seconds: float = 30.0  # silent this long -> its leases go to others
@@ -332,6 +332,8 @@ class StreamSampleSource:
             if now - last_tick > 0.1:
                 last_tick = now
                 self._tick(control, now)
+            elif events:  # a delivery or a new producer may have freed room or made work: grant now
+                self._grant(control)
 
     def _command(self, command: tuple) -> None:
         if command[0] == "need":
