@@ -15,6 +15,7 @@ BENCHMARKS = {
     "producer": "bench.capture",
     "trainer": "bench.trainer",
     "pipeline": "bench.pipeline",
+    "fanout": "bench.fanout",
 }
 
 

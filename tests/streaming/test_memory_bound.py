@@ -20,7 +20,7 @@ from protocol.messages import Sample
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 TOKENS, LAYERS, HIDDEN = 256, 4, 1024  # 4 MiB of float32 hidden states per sample
-NUM_SAMPLES = 60  # 240 MiB streamed in all
+NUM_SAMPLES = 120  # 480 MiB streamed in all
 BUDGET = 32 << 20
 
 TRAINER = textwrap.dedent(
@@ -82,7 +82,10 @@ def test_slow_trainer_holds_at_most_its_budget_while_producers_wait(tmp_path):
     assert producer.report.samples == NUM_SAMPLES
     assert figures["ledger_peak"] <= BUDGET and figures["stored_peak"] <= BUDGET
     growth = figures["hwm"] - figures["before"]
-    # budget + one sample being decoded + fixed overhead, far below the 240 MiB that went through
-    assert growth < BUDGET + 2 * sample_bytes + (48 << 20), (growth / 2**20, figures)
+    # budget + a sample being decoded + a fixed overhead (allocator arenas of the IO and ZeroMQ
+    # threads keep freed memory; seen 63-93 MiB in all, quiet or loaded), far below the 480 MiB
+    # that went through: memory does not grow with the volume streamed.
+    assert growth < BUDGET + 2 * sample_bytes + (96 << 20), (growth / 2**20, figures)
+    assert growth < NUM_SAMPLES * sample_bytes / 3
     print(f"trainer RSS growth {growth / 2**20:.1f} MiB for {NUM_SAMPLES * sample_bytes / 2**20:.0f} MiB streamed, budget {BUDGET / 2**20:.0f} MiB")
     assert time.monotonic() - start > NUM_SAMPLES * 0.03  # the producer waited for the slow trainer
