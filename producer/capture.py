@@ -26,6 +26,7 @@ import torch
 
 from producer.backend import CaptureRow, TargetInfo, check_layer_ids, default_layer_ids
 from protocol.codec import DTYPE_NAMES
+from protocol.layer_capture import ResidualCapture
 from protocol.messages import Sample
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
@@ -127,27 +128,8 @@ class HFCapture:
         self.num_layers = num_layers
         self.dtype = next(self.model.parameters()).dtype
         self._vocab_limit = self.model.get_input_embeddings().num_embeddings
-        self._captured: dict[int, torch.Tensor] = {}
-        self._hooks = []
-        for k in sorted(set(self.layer_ids)):
-            if k < num_layers:
-                self._hooks.append(layers[k].register_forward_pre_hook(self._pre_hook(k), with_kwargs=True))
-            else:
-                self._hooks.append(layers[num_layers - 1].register_forward_hook(self._post_hook(k)))
+        self._capture = ResidualCapture(layers, self.layer_ids)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-
-    def _pre_hook(self, layer_id: int):
-        def hook(module, args, kwargs):
-            self._captured[layer_id] = args[0] if args else kwargs["hidden_states"]
-
-        return hook
-
-    def _post_hook(self, layer_id: int):
-        def hook(module, args, output):
-            # Older transformers return (hidden_states, ...) from decoder layers.
-            self._captured[layer_id] = output[0] if isinstance(output, tuple) else output
-
-        return hook
 
     def describe(self) -> TargetInfo:
         return TargetInfo(
@@ -179,8 +161,7 @@ class HFCapture:
             attention_mask=mask_BS.to(self.device, non_blocking=True),
             use_cache=False,
         )
-        hidden_BSLH = torch.stack([self._captured[k] for k in self.layer_ids], dim=2)
-        self._captured.clear()
+        hidden_BSLH = torch.stack(self._capture.take(), dim=2)
         if self._copy_stream is None:
             return _Staged(batch, [hidden_BSLH[b, :T] for b, T in enumerate(lengths)], None)
 
@@ -215,7 +196,4 @@ class HFCapture:
             )
 
     def close(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
-        self._captured.clear()
+        self._capture.close()

@@ -35,6 +35,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from protocol.layer_capture import ResidualCapture
+
 from trainer.draft import DraftModel
 from trainer.propose import propose
 
@@ -98,8 +100,8 @@ class Generation:
 
 
 class HFTarget:
-    """A ``transformers`` causal LM with forward pre-hooks (and a forward hook for id N) that
-    capture the aux layers of every forward, as the producer's capture backend does."""
+    """A ``transformers`` causal LM whose aux layers are captured on every forward with the same
+    ``protocol.layer_capture`` hooks the producer's capture backend uses."""
 
     def __init__(self, model, aux_layer_ids: Sequence[int]):
         self.model = model.eval()
@@ -113,39 +115,17 @@ class HFTarget:
             )
         self.aux_layer_ids = list(aux_layer_ids)
         self.device = next(model.parameters()).device
-        self._captured: dict[int, torch.Tensor] = {}
-        self._hooks = []
-        for k in sorted(set(self.aux_layer_ids)):
-            if k < num_layers:
-                self._hooks.append(layers[k].register_forward_pre_hook(self._pre_hook(k), with_kwargs=True))
-            else:
-                self._hooks.append(layers[num_layers - 1].register_forward_hook(self._post_hook(k)))
-
-    def _pre_hook(self, layer_id: int):
-        def hook(module, args, kwargs):
-            self._captured[layer_id] = args[0] if args else kwargs["hidden_states"]
-
-        return hook
-
-    def _post_hook(self, layer_id: int):
-        def hook(module, args, output):
-            self._captured[layer_id] = output[0] if isinstance(output, tuple) else output
-
-        return hook
+        self._capture = ResidualCapture(layers, self.aux_layer_ids)
 
     @torch.no_grad()
     def forward(self, ids_T: torch.Tensor, num_logits: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[num_logits, V]`` of the last positions and the aux states ``[T, X]``."""
-        self._captured.clear()
         out = self.model(input_ids=ids_T.to(self.device)[None], use_cache=False, logits_to_keep=num_logits)
-        aux_TX = torch.cat([self._captured[k][0] for k in self.aux_layer_ids], dim=-1)
-        self._captured.clear()
+        aux_TX = torch.cat([state[0] for state in self._capture.take()], dim=-1)
         return out.logits[0], aux_TX
 
     def close(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
+        self._capture.close()
 
 
 @torch.no_grad()

@@ -28,12 +28,7 @@ NUM_PROMPTS = 6
 LAYER_IDS = [2, 4, 5, 8]  # default capture of the 8-layer tiny target: 3 aux + the last
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,14 +19,7 @@ from trainer.vocab import build_vocab_mapping
 AUX = [2, 2, 1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread is several times faster than two
-    contending with other processes (measured 15 s vs 98 s for the overfit tests under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SPEC_KEYS = {

@@ -20,17 +20,10 @@ from trainer.batch import PackedBatch, PackedSample, pack
 from trainer.draft import DraftConfig, build_draft, flatten_rows, shift_left
 from trainer.peagle import cod_sample
 
-AUX = [2, 2, 1]  # tiny targets have 4 layers: default capture [2, 2, 1, 4]
+AUX = [2, 2, 1]  # explicit aux ids valid for every tiny target here (4 or 8 layers)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops on a shared 2-core machine: one intra-op thread is several times faster than two
-    contending with other processes (measured 15 s vs 98 s for the overfit tests under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
