@@ -259,13 +259,16 @@ class StreamProducer:
                 tokens += len(row.input_ids)
             if work.remaining:
                 break
-        owner = {row.sample_id: work for work, row in rows}
         try:
             if self._pushing:
                 self._submit(rows)
             else:
-                for sample in self.backend.capture([row for _, row in rows]):
-                    work = owner[sample.sample_id]
+                # Matched by position, not by id: with the next epoch granted ahead, one batch can
+                # hold the same row twice, under two leases.
+                captured = self.backend.capture([row for _, row in rows])
+                for (work, row), sample in zip(rows, captured, strict=True):
+                    if sample.sample_id != row.sample_id:
+                        raise RuntimeError(f"backend returned row {sample.sample_id} where row {row.sample_id} was due")
                     sample.epoch, sample.lease_id = work.grant.epoch, work.grant.lease_id
                     self._push(work, sample)
         except Exception as e:
