@@ -37,7 +37,7 @@ import torch
 import zmq
 
 from producer.vllm_params import SampleRoute, spill_directory
-from protocol.codec import DEFAULT_CHUNK_BYTES
+from protocol.codec import DEFAULT_CHUNK_BYTES, all_finite
 from protocol.hsfile import write_hs_file
 from protocol.messages import LeaseDone, LeaseFailed, Message, Sample
 from protocol.sockets import SocketConfig, make_socket, send_message
@@ -257,7 +257,7 @@ class HSSender:
             hidden_TLH = job.copy.hidden_TLH
             if route.is_spill:
                 directory = self._spill_dir(route)
-                if not bool(torch.isfinite(hidden_TLH).all()):
+                if not all_finite(hidden_TLH):
                     return f"hidden states of row {route.sample_id} contain NaN or Inf"
                 write_hs_file(directory, route.sample_id, job.token_ids, hidden_TLH, fsync=self.config.fsync)
                 self.stats.spilled += 1

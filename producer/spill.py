@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from protocol.codec import all_finite
 from protocol.hsfile import write_hs_file
 from protocol.messages import Sample
 
@@ -53,6 +54,8 @@ class SpillStats:
 
 def check_finite(sample: Sample) -> None:
     """Raise ``NonFiniteCaptureError`` naming the row, positions and capture slots affected."""
+    if all_finite(sample.hidden_states):  # one read pass; the detail below only for the bad rows
+        return
     bad_TL = ~torch.isfinite(sample.hidden_states).all(dim=-1)
     if bool(bad_TL.any()):
         positions = int(bad_TL.any(dim=1).sum())

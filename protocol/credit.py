@@ -17,8 +17,7 @@ import torch
 
 def sample_nbytes(num_tokens: int, num_layers: int, hidden_size: int, dtype: torch.dtype) -> int:
     """Bytes one sample occupies in the buffer: hidden states + int64 token ids + uint8 loss mask."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return num_tokens * (num_layers * hidden_size * itemsize + 8 + 1)
+    return num_tokens * (num_layers * hidden_size * dtype.itemsize + 8 + 1)
 
 
 class CreditLedger:

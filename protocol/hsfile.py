@@ -21,6 +21,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from protocol.codec import all_finite
+
 HIDDEN_STATES = "hidden_states"
 TOKEN_IDS = "token_ids"
 _NAME = re.compile(r"^hs_(\d+)\.safetensors$")
@@ -118,6 +120,6 @@ def read_hs_file(
         )
     if expected_token_ids is not None and not torch.equal(token_ids, expected_token_ids.to(torch.int64)):
         raise HiddenStateFileError(f"{path}: token_ids differ from the prepared dataset's input_ids for this row")
-    if check_finite and not bool(torch.isfinite(hidden_states).all()):
+    if check_finite and not all_finite(hidden_states):
         raise HiddenStateFileError(f"{path}: hidden_states contain NaN or Inf")
     return token_ids, hidden_states

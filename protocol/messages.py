@@ -154,7 +154,7 @@ class Sample(Message):
             return NotImplemented
         same_meta = (self.sample_id, self.epoch, self.lease_id) == (other.sample_id, other.epoch, other.lease_id)
         return same_meta and all(
-            a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+            a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous(), b.contiguous())
             for a, b in zip(
                 (self.token_ids, self.loss_mask, self.hidden_states),
                 (other.token_ids, other.loss_mask, other.hidden_states),

@@ -203,10 +203,12 @@ def recv_message(
     *,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     alloc: Allocator | None = None,
+    copy: bool = True,
     flags: int = 0,
     num_route_frames: int = 0,
 ) -> tuple[list[bytes], Message]:
-    """Receive and decode one message; returns (route frames, message). Raises ProtocolError."""
+    """Receive and decode one message (``decode``'s ``alloc`` and ``copy`` apply); returns (route
+    frames, message). Raises ProtocolError."""
     frames = recv_frames(sock, flags=flags)
     route = [bytes(f.buffer) for f in frames[:num_route_frames]]
-    return route, decode(frames[num_route_frames:], max_message_bytes=max_message_bytes, alloc=alloc)
+    return route, decode(frames[num_route_frames:], max_message_bytes=max_message_bytes, alloc=alloc, copy=copy)

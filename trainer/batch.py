@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
+from protocol.codec import FramedTensor
+
 
 @dataclasses.dataclass(kw_only=True)
 class PackedSample:
@@ -24,7 +26,7 @@ class PackedSample:
     sample_id: int
     token_ids: torch.Tensor  # [T] int64
     loss_mask: torch.Tensor  # [T] bool/int
-    hidden_states: torch.Tensor  # [T, L, H]
+    hidden_states: torch.Tensor | FramedTensor  # [T, L, H]; streamed samples stay in their frames
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -77,7 +79,10 @@ def pack(samples: Sequence[PackedSample], total_seq_len: int, *, pad_to: int | N
             )
         window = slice(offset, offset + n)
         input_ids[window] = s.token_ids[:n]
-        hidden_states[window] = s.hidden_states[:n]
+        if isinstance(s.hidden_states, FramedTensor):
+            s.hidden_states.copy_to(hidden_states[window])
+        else:
+            hidden_states[window] = s.hidden_states[:n]
         loss_mask[window] = s.loss_mask[:n].bool()
         position_ids[window] = torch.arange(n)
         document_ids[window] = doc

@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 import zmq
 
-from protocol.codec import DTYPES
+from protocol.allocator import keep_freed_frames
+from protocol.codec import DTYPES, all_finite, decode
 from protocol.credit import sample_nbytes
 from protocol.hsfile import write_hs_file
 from protocol.messages import (
@@ -56,7 +57,6 @@ from protocol.messages import (
     Sample,
     Welcome,
 )
-from protocol.codec import decode
 from protocol.sockets import SocketConfig, make_socket, rank_endpoints, recv_frames, send_message
 from trainer.batch import PackedSample
 from trainer.data import FetchResult
@@ -189,6 +189,7 @@ class StreamSampleSource:
         self.stats = collections.Counter()
         self.control_endpoint, self.data_endpoint = rank_endpoints(config.endpoint, config.rank)
         self._thread = threading.Thread(target=self._run, name=f"StreamIO-r{config.rank}", daemon=True)
+        keep_freed_frames()  # the buffer holds received frames: let malloc reuse them, not re-fault them
 
     # ---- loop side ------------------------------------------------------------------------------
 
@@ -433,7 +434,8 @@ class StreamSampleSource:
 
     def _on_data(self, frames: list) -> None:
         try:
-            message = decode(frames, max_message_bytes=self.config.socket.max_message_bytes)
+            # No copy: the hidden states stay in their frames until pack() copies them into a batch.
+            message = decode(frames, max_message_bytes=self.config.socket.max_message_bytes, copy=False)
         except ProtocolError as e:
             self.stats["bad_messages"] += 1
             logger.warning("dropped a malformed data message: %s", e)
@@ -450,7 +452,7 @@ class StreamSampleSource:
             self.stats["bad_messages"] += 1
             logger.error("rejected sample %s: %s", key, problem)
             return
-        nonfinite = not bool(torch.isfinite(message.hidden_states).all())
+        nonfinite = not all_finite(message.hidden_states)
         if nonfinite and not self.config.skip_nonfinite:
             raise ValueError(
                 f"sample {message.sample_id} (epoch {message.epoch}) has NaN/Inf hidden states; "
@@ -470,7 +472,7 @@ class StreamSampleSource:
             hidden_states=message.hidden_states,
         )
         if self.config.spill_dir:
-            write_hs_file(self.config.spill_dir, message.sample_id, message.token_ids, message.hidden_states)
+            write_hs_file(self.config.spill_dir, message.sample_id, message.token_ids, message.hidden_states.contiguous())
         self.buffer.put(key, sample)
         self.stats["samples"] += 1
         self.stats["bytes"] += message.nbytes

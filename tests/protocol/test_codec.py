@@ -8,8 +8,9 @@ import msgpack
 import pytest
 import torch
 
-from protocol.codec import DEFAULT_CHUNK_BYTES, decode, encode
+from protocol.codec import DEFAULT_CHUNK_BYTES, VIEW_MIN_BYTES, FramedTensor, all_finite, decode, encode
 from protocol.messages import (
+    ProtocolError,
     EndOfStream,
     Error,
     Grant,
@@ -136,6 +137,87 @@ def test_decoded_tensors_do_not_alias_the_received_frames():
     decoded = decode(frames)
     frames[-1][:] = b"\x00" * len(frames[-1])
     assert torch.equal(decoded.hidden_states, sample.hidden_states)
+
+
+def _writable(frames):
+    """Frames as ZeroMQ hands them over: writable buffers (bytes objects are read-only)."""
+    return [bytearray(bytes(f)) for f in frames]
+
+
+def test_zero_copy_decode_leaves_a_chunked_tensor_in_its_frames():
+    sample = make_sample(num_tokens=64, hidden=256, dtype=torch.bfloat16)  # 128 KiB of hidden states
+    frames = _writable(encode(sample, chunk_bytes=16 << 10))
+    decoded = decode(frames, copy=False)
+    hidden = decoded.hidden_states
+    assert isinstance(hidden, FramedTensor) and len(hidden.parts) == 8 == len(frames) - 4
+    assert (hidden.shape, hidden.dtype, hidden.dim(), hidden.nbytes) == (sample.hidden_states.shape, torch.bfloat16, 3, 128 << 10)
+    assert decoded == sample and decoded.nbytes == sample.nbytes
+    assert isinstance(decoded.token_ids, torch.Tensor)  # small tensors are copied regardless
+    # Viewed, not copied: a byte changed in the last frame shows in the decoded tensor.
+    frames[-1][-2:] = torch.tensor([7.0], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
+    assert hidden.contiguous()[-1, -1, -1].item() == 7.0
+    # copy_to copies the leading rows into a slice of a batch, across frame boundaries.
+    batch = torch.zeros(100, 4, 256, dtype=torch.bfloat16)
+    hidden.copy_to(batch[10:50])
+    assert torch.equal(batch[10:50], sample.hidden_states[:40]) and not batch[:10].any() and not batch[50:].any()
+    with pytest.raises(ValueError, match="cannot copy"):
+        hidden.copy_to(torch.zeros(65, 4, 256, dtype=torch.bfloat16))
+
+
+def test_zero_copy_decode_of_a_one_frame_tensor_is_a_plain_view():
+    sample = make_sample(num_tokens=64, hidden=256, dtype=torch.float32)  # 256 KiB in one frame
+    frames = _writable(encode(sample, chunk_bytes=1 << 20))
+    decoded = decode(frames, copy=False)
+    assert isinstance(decoded.hidden_states, torch.Tensor) and decoded == sample
+    assert decoded.hidden_states.data_ptr() == torch.frombuffer(frames[-1], dtype=torch.uint8).data_ptr()
+
+
+def test_zero_copy_decode_copies_what_it_cannot_view():
+    sample = make_sample(num_tokens=64, hidden=256, dtype=torch.float32)
+    frames = _writable(encode(sample, chunk_bytes=4096))
+    # Read-only buffers cannot back a tensor.
+    read_only = decode([bytes(f) for f in frames], copy=False)
+    assert isinstance(read_only.hidden_states, torch.Tensor) and read_only == sample
+    # One frame that cannot be viewed (here read-only; in ZeroMQ a small remainder at an odd
+    # address) is copied on its own, the others are still viewed.
+    mixed = decode([*frames[:-1], bytes(frames[-1])], copy=False).hidden_states
+    assert isinstance(mixed, FramedTensor) and mixed.contiguous().equal(sample.hidden_states)
+    assert mixed.parts[0].data_ptr() == torch.frombuffer(frames[4], dtype=torch.uint8).data_ptr()
+    assert mixed.parts[-1].data_ptr() != torch.frombuffer(frames[-1], dtype=torch.uint8).data_ptr()
+    # A peer may cut frames anywhere: frames that split a float32 are copied, not viewed.
+    data = b"".join(frames[4:])
+    odd = [data[i : i + 4098] for i in range(0, len(data), 4098)]
+    header = msgpack.unpackb(frames[1])
+    header["t"][2][3] = len(odd)
+    recut = decode(_writable([frames[0], msgpack.packb(header), *frames[2:4], *odd]), copy=False)
+    assert isinstance(recut.hidden_states, torch.Tensor) and recut == sample
+    # Below VIEW_MIN_BYTES everything is copied.
+    small = make_sample(num_tokens=4, hidden=32)
+    assert small.hidden_states.nbytes < VIEW_MIN_BYTES
+    small_frames = _writable(encode(small))
+    decoded = decode(small_frames, copy=False)
+    small_frames[-1][:] = bytes(len(small_frames[-1]))
+    assert decoded == small
+    with pytest.raises(ValueError, match="contradict"):
+        decode(frames, copy=False, alloc=lambda name, dtype, shape: torch.empty(shape, dtype=dtype))
+
+
+def test_zero_copy_decode_still_refuses_bad_bool_bytes(probe_kind):
+    frames = _writable(encode(Probe(label="b", tensor=torch.ones(1 << 17, dtype=torch.bool)), chunk_bytes=1 << 16))
+    frames[3][5] = 2
+    with pytest.raises(ProtocolError, match="bool"):
+        decode(frames, copy=False)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_nan_and_inf_in_any_part(bad):
+    sample = make_sample(num_tokens=64, hidden=256, dtype=torch.bfloat16)
+    assert all_finite(sample.hidden_states)
+    sample.hidden_states[50, 3, 17] = bad
+    assert not all_finite(sample.hidden_states)
+    framed = decode(_writable(encode(sample, chunk_bytes=16 << 10)), copy=False).hidden_states
+    assert isinstance(framed, FramedTensor) and not all_finite(framed)
+    assert all_finite(torch.empty(0)) and all_finite(torch.arange(5))
 
 
 def test_encoder_refuses_unknown_types_and_dtypes():

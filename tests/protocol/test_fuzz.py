@@ -1,4 +1,5 @@
-"""Fuzz: 100K random and mutated frame lists through the decoder; only ProtocolError may escape."""
+"""Fuzz: 100K random and mutated frame lists through the decoder, half of them decoded without a
+copy; only ProtocolError may escape."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import random
 import msgpack
 import torch
 
-from protocol.codec import decode, encode
+from protocol.codec import FramedTensor, decode, encode
 from protocol.messages import MESSAGE_TYPES, Message, ProtocolError
 from tests.protocol.test_codec import CONTROL_MESSAGES, make_sample
 
@@ -16,7 +17,8 @@ MAX_BYTES = 1 << 20
 
 
 def seeds() -> list[list[bytes]]:
-    samples = [make_sample(num_tokens=n, hidden=8, dtype=d) for n, d in [(0, torch.float32), (5, torch.bfloat16), (40, torch.float16)]]
+    shapes = [(0, 8, torch.float32), (5, 8, torch.bfloat16), (40, 8, torch.float16), (40, 256, torch.float16)]
+    samples = [make_sample(num_tokens=n, hidden=h, dtype=d) for n, h, d in shapes]  # the last one is viewed by copy=False
     return [[bytes(f) for f in encode(m, chunk_bytes=4096)] for m in [*CONTROL_MESSAGES, *samples]]
 
 
@@ -85,16 +87,22 @@ def test_fuzzed_frames_raise_only_protocol_errors():
     rng = random.Random(1234)
     corpus = seeds()
     outcomes = {"ok": 0, "protocol_error": 0}
+    viewed = 0
     for _ in range(NUM_CASES):
         frames = rng.choice(corpus)
         for _ in range(rng.randint(1, 3)):
             frames = mutate(frames, rng)
+        zero_copy = rng.random() < 0.5  # writable frames, as ZeroMQ gives them, are viewed in place
+        if zero_copy:
+            frames = [bytearray(f) for f in frames]
         try:
-            message = decode(frames, max_message_bytes=MAX_BYTES)
+            message = decode(frames, max_message_bytes=MAX_BYTES, copy=not zero_copy)
         except ProtocolError:
             outcomes["protocol_error"] += 1
         else:
             assert isinstance(message, Message) and int(type(message).KIND) in MESSAGE_TYPES
             outcomes["ok"] += 1
+            viewed += isinstance(getattr(message, "hidden_states", None), FramedTensor)
     assert sum(outcomes.values()) == NUM_CASES
     assert outcomes["protocol_error"] > NUM_CASES // 2, outcomes  # the mutations really do break things
+    assert viewed > 100, viewed  # and the zero-copy path was taken

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import zmq
 
+from protocol.codec import FramedTensor
 from protocol.messages import Grant, Hello, ProtocolError
 from protocol.sockets import (
     CurveKeys,
@@ -42,6 +45,24 @@ def test_sample_crosses_push_pull_in_chunks_and_decodes(ctx, tmp_path):
     assert pull.poll(TIMEOUT_MS)
     _, received = recv_message(pull)
     assert received == sample
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_zero_copy_samples_outlive_their_frames_and_later_traffic(ctx, tmp_path, transport):
+    """Views of received frames stay valid after the frame objects are gone and more messages
+    have arrived (their buffers are not recycled under them)."""
+    endpoint = ipc(tmp_path) if transport == "ipc" else "tcp://127.0.0.1:0"
+    pull = make_socket(ctx, zmq.PULL, SocketConfig(), bind=endpoint)
+    push = make_socket(ctx, zmq.PUSH, SocketConfig(), connect=pull.getsockopt(zmq.LAST_ENDPOINT).decode())
+    sent = [make_sample(num_tokens=256, num_layers=4, hidden=64, sample_id=i) for i in range(6)]
+    kept = []
+    for sample in sent:
+        send_message(push, sample, chunk_bytes=16 << 10)
+        assert pull.poll(TIMEOUT_MS)
+        kept.append(recv_message(pull, copy=False)[1])
+    gc.collect()
+    assert all(isinstance(m.hidden_states, FramedTensor) and len(m.hidden_states.parts) == 8 for m in kept)
+    assert kept == sent
 
 
 def test_router_dealer_round_trip_keeps_the_route(ctx, tmp_path):

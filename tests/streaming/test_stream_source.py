@@ -13,9 +13,11 @@ import zmq
 from producer.backend import CaptureRow
 from producer.capture import CaptureConfig, HFCapture
 from producer.stream_client import StreamClientConfig, StreamProducer
+from protocol.codec import FramedTensor
 from protocol.credit import sample_nbytes
 from protocol.messages import Grant, Hello
 from protocol.sockets import SocketConfig, make_socket, recv_message, send_message
+from trainer.batch import pack
 from trainer.stream import StreamConfig, StreamSampleSource, TargetSpec
 
 NUM_ROWS = 12
@@ -57,7 +59,7 @@ def make_source(tmp_path, backend, rows, **config):
 
 def start_producer(tmp_path, backend, rows, name="producer-0", **config):
     producer = StreamProducer(
-        StreamClientConfig(producer_id=name, connect=[f"ipc://{tmp_path}/stream"], max_batch_tokens=64, handshake_timeout_seconds=20, **config),
+        StreamClientConfig(producer_id=name, connect=[f"ipc://{tmp_path}/stream"], handshake_timeout_seconds=20, **{"max_batch_tokens": 64, **config}),
         backend,
         lambda sid: rows[sid],
     )
@@ -89,6 +91,42 @@ def test_samples_arrive_in_plan_order_and_equal_a_direct_capture(tmp_path, backe
         assert torch.equal(s.token_ids, rows[s.sample_id].input_ids)
         assert s.loss_mask.dtype == torch.bool and torch.equal(s.loss_mask, rows[s.sample_id].loss_mask.bool())
     assert producer.report.samples == NUM_ROWS and source.snapshot()["duplicates"] == 0
+
+
+def test_samples_stay_in_their_frames_until_packed(tmp_path, backend, rows):
+    """The stream source does not copy what it receives: hidden states sent in several frames
+    arrive as FramedTensors over those frames, and pack() copies them into the batch exactly."""
+    chunk = 16 << 10  # frames of at least ZeroMQ's 8 KiB receive batch get buffers of their own
+    source = make_source(tmp_path, backend, rows)
+    _, thread = start_producer(tmp_path, backend, rows, chunk_bytes=chunk)
+    order = list(range(NUM_ROWS))
+    source.schedule(0, order)
+    got = source.fetch(order).samples
+    source.close()
+    thread.join(20)
+    expected = reference(backend, rows, order)
+    framed = [s for s in got if isinstance(s.hidden_states, FramedTensor)]
+    assert len(framed) == sum(1 for s in got if s.hidden_states.nbytes > chunk) > 0
+    for s in framed:
+        assert len(s.hidden_states.parts) == -(-s.hidden_states.nbytes // chunk)
+        torch.testing.assert_close(pack([s], 64).hidden_states[0, : s.token_ids.shape[0]], expected[s.sample_id].hidden_states, rtol=0, atol=0)
+
+
+def test_a_row_granted_for_two_epochs_at_once_reaches_both(tmp_path, backend, rows):
+    """Epoch e+1 is granted while epoch e is still in flight, so one producer batch can hold the
+    same row twice, once per epoch: each copy must go out under its own epoch and lease."""
+    source = make_source(tmp_path, backend, rows, samples_per_lease=4)
+    ids = [0, 1, 2, 3]
+    source.schedule(0, ids)
+    source.schedule(1, ids[::-1])
+    _, thread = start_producer(tmp_path, backend, rows, max_batch_tokens=4096)  # both leases in one batch
+    got = source.fetch(ids).samples + source.fetch(ids[::-1]).samples
+    stats = source.snapshot()
+    source.close()
+    thread.join(20)
+    assert stats["leases_expired"] == 0 and stats["duplicates"] == 0, stats
+    expected = reference(backend, rows, ids)
+    assert all(torch.equal(s.hidden_states, expected[s.sample_id].hidden_states) for s in got)
 
 
 def test_mismatched_handshake_is_refused_on_both_sides(tmp_path, backend, rows, caplog):

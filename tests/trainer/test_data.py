@@ -181,3 +181,27 @@ def test_in_memory_source_serves_by_id():
     source = InMemorySampleSource(samples)
     assert [s.sample_id for s in source.fetch([2, 0]).samples] == [2, 0]
     assert source.lengths([1, 3]) == [8, 14]
+
+
+def test_pack_copies_framed_samples_like_plain_ones_including_truncation():
+    """Streamed samples arrive as FramedTensors (views of received frames); pack() is their one copy."""
+    from protocol.codec import FramedTensor
+
+    g = torch.Generator().manual_seed(0)
+    plain = [
+        PackedSample(sample_id=i, token_ids=torch.arange(n), loss_mask=torch.ones(n, dtype=torch.bool), hidden_states=torch.randn(n, 3, 8, generator=g))
+        for i, n in enumerate([10, 7, 30])
+    ]
+    framed = [
+        PackedSample(
+            sample_id=s.sample_id, token_ids=s.token_ids, loss_mask=s.loss_mask,
+            hidden_states=FramedTensor(list(s.hidden_states.reshape(-1).split(13)), s.hidden_states.shape),
+        )
+        for s in plain
+    ]
+    cases = [(plain, framed, 64, 50), (plain[2:], framed[2:], 25, None)]  # the second truncates 30 tokens to 25
+    for samples_plain, samples_framed, total_seq_len, pad_to in cases:
+        expected = pack(samples_plain, total_seq_len, pad_to=pad_to)
+        got = pack(samples_framed, total_seq_len, pad_to=pad_to)
+        for name in ("input_ids", "hidden_states", "loss_mask", "position_ids", "document_ids"):
+            assert torch.equal(getattr(expected, name), getattr(got, name)), name
