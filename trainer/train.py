@@ -150,6 +150,17 @@ def _draft_kwargs(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
 
 
+def _changed_model_flags(config, speculator_type: str, draft_kwargs: dict) -> list[str]:
+    """Model flags given now that differ from the checkpoint being resumed (objective knobs in
+    ``_DRAFT_OVERRIDES`` may change between runs; the architecture may not)."""
+    given = {"speculator_type": speculator_type, **{k: v for k, v in draft_kwargs.items() if k not in _DRAFT_OVERRIDES}}
+    return [
+        f"--{name.replace('_', '-')} {value!r}, checkpoint {getattr(config, name)!r}"
+        for name, value in given.items()
+        if getattr(config, name) != value
+    ]
+
+
 def _val_ratio(args: argparse.Namespace) -> float:
     if args.train_data_ratio is not None:
         return 1.0 - args.train_data_ratio
@@ -218,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
             resume_dir = None if args.no_resume_from_checkpoint else ckpt.find_resume_checkpoint(args.save_path)
             if resume_dir is not None:
                 model = load_draft(resume_dir, verifier_name_or_path=args.verifier_name_or_path, **overrides)
+                changed = _changed_model_flags(model.config, args.speculator_type, draft_kwargs)
+                if changed:
+                    raise ValueError(
+                        f"{resume_dir} was trained with another model: {'; '.join(changed)}. Resume with the "
+                        "model flags it was started with, or pass --no-resume-from-checkpoint to start over"
+                    )
                 ckpt.load_master_weights(model, resume_dir)
             elif args.from_pretrained:
                 logger.info("fine-tuning from %s", args.from_pretrained)
