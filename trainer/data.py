@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -217,10 +217,12 @@ class InMemorySampleSource:
         return FetchResult(samples=[self._samples[i] for i in sample_ids])
 
 
-def add_aux_noise_(batch: PackedBatch, *, std: float, seed: int, epoch: int) -> None:
+def add_aux_noise_(batch: PackedBatch, *, std: float, seed: int, epoch: int, uses: Mapping[int, int] | None = None) -> None:
     """Add uniform noise in [-std, std) to the auxiliary layers (all but the last) of every
     document of a packed batch, in place. Each document's noise comes from a generator derived
-    from (seed, epoch, sample id), drawn on the batch's device."""
+    from (seed, epoch, sample id) and, for a sample trained on again in the same epoch
+    (``--reuse``), its use index (``uses[sample id]``, from ``BatchPlan.uses_at``), so every use
+    sees other noise. Drawn on the batch's device."""
     if std == 0.0:
         return
     hidden_BNLH = batch.hidden_states
@@ -232,6 +234,8 @@ def add_aux_noise_(batch: PackedBatch, *, std: float, seed: int, epoch: int) -> 
             continue
         start, end = int(positions[0]), int(positions[-1]) + 1
         aux = hidden_BNLH[0, start:end, :-1]
-        g = torch.Generator(device=device).manual_seed(derive_seed("noise", seed, epoch, sid))
+        use = uses.get(sid, 0) if uses is not None else 0
+        parts = ("noise", seed, epoch, sid) if use == 0 else ("noise", seed, epoch, sid, use)  # use 0: as without reuse
+        g = torch.Generator(device=device).manual_seed(derive_seed(*parts))
         noise = torch.rand(aux.shape, generator=g, device=device, dtype=torch.float32)
         hidden_BNLH[0, start:end, :-1] = (aux.float() + (2.0 * noise - 1.0) * std).to(aux.dtype)

@@ -25,7 +25,7 @@ them at different steps, stops all of them after the same step. Signal handlers 
 flag; the loop writes ``<save>/latest/`` at the next step boundary and returns.
 
 Randomness is derived, never carried: the draft's generator for a micro-batch is seeded from
-(seed, epoch, step, logical rank), noise from (seed, epoch, sample id). A resumed run therefore
+(seed, epoch, step, logical rank), noise from (seed, epoch, sample id, use index). A resumed run therefore
 draws what an uninterrupted run draws; the global RNG states are saved too (rng_state_<rank>.pt)
 for anything else that uses them.
 
@@ -396,7 +396,8 @@ class Trainer:
             set_gradient_sync(self.model, m == len(micros) - 1)
             batch, real = self._micro_batch(micro)
             if real and cfg.noise_std > 0:
-                add_aux_noise_(batch, std=cfg.noise_std, seed=cfg.seed, epoch=epoch)
+                uses = self.plans[epoch].uses_at(micro.logical_rank, step)
+                add_aux_noise_(batch, std=cfg.noise_std, seed=cfg.seed, epoch=epoch, uses=uses)
             out = self._forward(batch, self._generator(epoch, step, micro.logical_rank))
             n = out.num_loss_tokens.detach().float().to(self.device) if real else torch.zeros((), device=self.device)
             (out.loss * n).backward()

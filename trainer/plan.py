@@ -37,6 +37,7 @@ batches that two processes do.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import random
@@ -174,6 +175,23 @@ class BatchPlan:
         for sid in self.all_sample_ids():
             counts[sid] = counts.get(sid, 0) + 1
         return counts
+
+    def uses_at(self, rank: int, step: int) -> dict[int, int]:
+        """``{sample id: use index}`` for the batch of ``rank`` at ``step``: how many earlier
+        batches of the epoch (in global order) hold that sample, so 0..reuse-1. Noise is drawn
+        per use, not only per sample."""
+        b = self._index(rank, step)
+        return dict(zip(self.batches[b], self._use_table[b])) if b < len(self.batches) else {}
+
+    @functools.cached_property
+    def _use_table(self) -> list[tuple[int, ...]]:
+        seen: dict[int, int] = {}
+        table = []
+        for batch in self.batches:
+            table.append(tuple(seen.get(sid, 0) for sid in batch))
+            for sid in batch:
+                seen[sid] = seen.get(sid, 0) + 1
+        return table
 
     def all_sample_ids(self) -> list[int]:
         return [sid for b in self.batches for sid in b]

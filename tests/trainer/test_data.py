@@ -169,6 +169,18 @@ def test_noise_depends_on_sample_and_epoch_not_on_packing():
     assert not torch.equal(c.hidden_states[0, :n1], a.hidden_states[0, n0 : n0 + n1])
 
 
+def test_each_reuse_of_a_sample_draws_other_noise_and_the_first_use_the_usual_noise():
+    samples = _samples(2, dtype=torch.float32)
+    n0 = samples[0].token_ids.shape[0]
+    noised = {}
+    for use in (None, 0, 1, 2):
+        batch = pack(samples, 100)
+        add_aux_noise_(batch, std=0.1, seed=5, epoch=2, uses=None if use is None else {samples[0].sample_id: use})
+        noised[use] = batch.hidden_states[0, :n0]
+    assert torch.equal(noised[None], noised[0])  # without --reuse nothing changes
+    assert not torch.equal(noised[0], noised[1]) and not torch.equal(noised[1], noised[2])
+
+
 def test_zero_noise_changes_nothing():
     batch = pack(_samples(2), 100)
     clean = batch.hidden_states.clone()

@@ -142,3 +142,13 @@ def test_reuse_trains_every_sample_k_times_within_its_window_and_never_twice_in_
     again = BatchPlan.build(sample_ids=ids, lengths=[10 + i % 7 for i in ids], seed=3, epoch=1, world_size=2,
                             total_seq_len=64, reuse=3, reuse_window=8)  # fmt: skip
     assert again.fingerprint == plan.fingerprint
+    # Each use of a sample has its own index, counted in global batch order (what noise is seeded by).
+    seen = {}
+    for step in range(plan.num_steps):
+        for rank in range(2):
+            uses = plan.uses_at(rank, step)
+            assert list(uses) == plan.batches_for(rank, step)
+            for sid, use in uses.items():
+                assert use == seen.get(sid, 0)
+                seen[sid] = use + 1
+    assert seen == {i: 3 for i in ids}
