@@ -10,11 +10,11 @@ Large tensors are split because single 64 MiB frames move 2-3x slower through py
 machines than 1-4 MiB frames. Encoding is zero-copy (frames are views of the tensors' storage).
 Decoding copies each tensor once, into a fresh tensor or into storage the caller provides, or,
 with ``copy=False``, not at all: a large tensor stays in the frames it arrived in, as a view of its
-one frame or as a ``FramedTensor`` over several. Each data frame is its own ZeroMQ message part
-with its own buffer, so a view pins exactly the tensor's bytes. The trainer keeps received samples
+one frame or as a ``FramedTensor`` over several. Only frames with a buffer of their own are
+viewed, so the views pin exactly the tensor's bytes. The trainer keeps received samples
 that way until ``pack`` copies them into a batch, the one copy they ever get: on a 2-core machine
-the kernel's two socket copies already fill both cores, and a third copy on receive would cost a
-third of the throughput.
+the kernel's two socket copies already fill both cores, and a third copy on receive cost about a
+third of the throughput (bench/transport).
 
 Everything a peer sends is validated before any allocation: kind, header types, dtype whitelist,
 shapes, frame count, frame sizes, and the message size limit. All of it fails as ProtocolError.
@@ -60,9 +60,11 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 # Tensors smaller than this are copied even with copy=False: copying them costs no more than
-# viewing them, and frames under ZeroMQ's 8 KiB receive batch may share one buffer, which a view
-# would pin.
+# viewing them.
 VIEW_MIN_BYTES = 16 << 10
+# ZeroMQ receives messages smaller than its 8 KiB input batch (ZMQ_IN_BATCH_SIZE) into one shared
+# buffer; a view of such a frame would pin the whole buffer, so those frames are always copied.
+SHARED_BATCH_BYTES = 8 << 10
 
 # alloc(name, dtype, shape) -> contiguous CPU tensor to decode into
 Allocator = Callable[[str, torch.dtype, tuple[int, ...]], torch.Tensor]
@@ -78,6 +80,7 @@ class FramedTensor:
     """
 
     __slots__ = ("parts", "shape", "dtype")
+    device = torch.device("cpu")
 
     def __init__(self, parts: Sequence[torch.Tensor], shape: Sequence[int]):
         self.parts = tuple(parts)
@@ -89,8 +92,6 @@ class FramedTensor:
             raise ValueError("FramedTensor parts must be 1-D tensors of one dtype")
         if sum(p.numel() for p in self.parts) != math.prod(self.shape):
             raise ValueError(f"parts hold {sum(p.numel() for p in self.parts)} elements, shape {tuple(self.shape)} needs {math.prod(self.shape)}")
-
-    device = torch.device("cpu")
 
     def dim(self) -> int:
         return len(self.shape)
@@ -217,13 +218,16 @@ def _matches(spec: object, value: object) -> bool:
 
 
 def _frame_parts(buffers: Sequence[memoryview], dtype: torch.dtype) -> list[torch.Tensor] | None:
-    """1-D ``dtype`` tensors over ``buffers``: views where a frame is writable and aligned, copies
-    of the rest (small remainders that ZeroMQ left inside its shared receive batch at any
-    address). None if no frame can be viewed or a frame splits an element: copy the whole tensor."""
+    """1-D ``dtype`` tensors over ``buffers``: views where a frame is writable, aligned and has a
+    buffer of its own, copies of the rest (a small last frame, say). None if no frame can be
+    viewed or a frame splits an element: then the whole tensor is copied."""
     itemsize = dtype.itemsize
     if any(len(b) % itemsize for b in buffers):
         return None
-    viewable = [not b.readonly and ctypes.addressof(ctypes.c_char.from_buffer(b)) % itemsize == 0 for b in buffers]
+    viewable = [
+        len(b) >= SHARED_BATCH_BYTES and not b.readonly and ctypes.addressof(ctypes.c_char.from_buffer(b)) % itemsize == 0
+        for b in buffers
+    ]
     if not any(viewable):
         return None
     parts = []
