@@ -59,7 +59,7 @@ def train_flags(epochs: int) -> list[str]:
 
 def steady_figures(save: Path) -> dict:
     """Samples trained (all ranks) and rank 0's step wall over every step but the run's first."""
-    from trainer.accounting import read_accounting
+    from trainer.training.accounting import read_accounting
 
     records = [json.loads(line) for line in (save / "train_log.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if r.get("kind") == "train"]

@@ -270,7 +270,7 @@ def _capture_worker(argv: list[str]) -> int:
     from producer.backend import CaptureRow
     from producer.capture import CaptureConfig, HFCapture
     from protocol.codec import encode
-    from trainer.stream import StreamConfig
+    from trainer.stream.source import StreamConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(StreamConfig)}
     per_lease, open_leases = defaults["samples_per_lease"], defaults["leases_per_producer"]
@@ -304,7 +304,7 @@ def _capture_worker(argv: list[str]) -> int:
 def _memtrain_worker(argv: list[str]) -> int:
     """Trainer alone: ``draftstream train`` unchanged, except that its file source reads every
     hidden-state file into an ``InMemorySampleSource`` once, before training, and serves from it."""
-    import trainer.data as data
+    import trainer.data.sources as data
     from protocol.hsfile import list_hs_indices
     from trainer import train
 
@@ -321,11 +321,11 @@ def _memtrain_worker(argv: list[str]) -> int:
         def fetch(self, sample_ids):
             return self.memory.fetch(sample_ids)
 
-    # trainer.train imports the class from trainer.data when main() runs, so this swap reaches it.
+    # trainer.train imports the class from trainer.data.sources when main() runs, so this swap reaches it.
     data.FileSampleSource = PreloadedFileSource
     code = train.main(argv)
     if not report:
-        raise RuntimeError("trainer.train did not build its source through trainer.data.FileSampleSource; "
+        raise RuntimeError("trainer.train did not build its source through trainer.data.sources.FileSampleSource; "
                            "bench.pipeline's trainer-alone mode needs updating")  # fmt: skip
     print(json.dumps({**report, "exit_code": code}))
     return int(code or 0)
@@ -371,8 +371,8 @@ def probe_capacity(*, attempts: int, quick: bool) -> dict:
 def grant_order(data: Path, *, epochs: int, total_seq_len: int) -> list[tuple[int, int]]:
     """(epoch, sample id) in the order a 1-rank streaming trainer schedules them: each epoch's
     training plan, then the validation plan (validation runs, and is streamed, every epoch)."""
-    from trainer.data import PreparedDataset, split_train_val
-    from trainer.plan import BatchPlan
+    from trainer.data.sources import PreparedDataset, split_train_val
+    from trainer.data.plan import BatchPlan
 
     dataset = PreparedDataset(data)
     train_ids, val_ids = split_train_val(len(dataset), val_ratio=VAL_RATIO, seed=SEED)
@@ -485,7 +485,7 @@ def print_report(result: dict) -> None:
         print(f"WARNING: the machine was not quiet: other processes used > 10% of a core during {', '.join(busy)} "
               "(column 'other CPU s'); these figures are disturbed")  # fmt: skip
     if s["stall_pct"] is None:
-        print("stall n/a: train_log.jsonl lines carry no step_wall_s/data_wait_s (trainer/loop.py telemetry)")
+        print("stall n/a: train_log.jsonl lines carry no step_wall_s/data_wait_s (trainer/training/loop.py telemetry)")
     print(f"plot: {result['plot']}" if result["plot"] else f"plot: none ({result['plot_note']})")
 
 

@@ -1,5 +1,5 @@
 """Trainer throughput: tokens per second through the real training step (draft forward, backward,
-gradient scaling and clipping, AdamW step) of ``trainer.loop.Trainer``, fed from memory.
+gradient scaling and clipping, AdamW step) of ``trainer.training.loop.Trainer``, fed from memory.
 
 Regime: one process, no files and no network: random hidden states held in memory are served by
 an ``InMemorySampleSource`` and packed into full ``--total-seq-len`` batches by the batch plan, so
@@ -64,7 +64,7 @@ def write_fake_verifier(directory: Path, shape: dict, *, dtype=torch.bfloat16, s
 
 
 def random_samples(num: int, shape: dict, *, dtype: torch.dtype, seed: int = 0):
-    from trainer.batch import PackedSample
+    from trainer.data.batch import PackedSample
 
     g = torch.Generator().manual_seed(seed)
     n, h = shape["sample_len"], shape["hidden"]
@@ -80,10 +80,12 @@ def random_samples(num: int, shape: dict, *, dtype: torch.dtype, seed: int = 0):
 
 
 def measure(algorithm: str, shape: dict, verifier: Path, *, device: str, steps: int, warmup: int, save: Path) -> dict:
-    from trainer.data import InMemorySampleSource
-    from trainer.distributed import DistEnv, resolve_device
-    from trainer.draft import DraftConfig, build_draft, save_draft
-    from trainer.loop import LoopConfig, Trainer, make_filler_batch
+    from trainer.data.sources import InMemorySampleSource
+    from trainer.training.distributed import DistEnv, resolve_device
+    from trainer.models.config import DraftConfig
+    from trainer.models.export import build_draft, save_draft
+    from trainer.training.config import LoopConfig
+    from trainer.training.loop import Trainer, make_filler_batch
 
     dev = resolve_device(device)
     hs_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

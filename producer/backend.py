@@ -9,7 +9,7 @@ decoder layer ``k`` (id 0 = embedding output), id ``N`` is the last decoder laye
 the final norm. The default ``[2, N//2, N-3, N]`` is three auxiliary layers plus the last.
 
 The Hugging Face backend (``producer.capture.HFCapture``) is a ``CaptureBackend``: the producer
-holds the tensors and sends them. The vLLM backend (``producer.vllm_backend.VLLMBackend``) is a
+holds the tensors and sends them. The vLLM backend (``producer.vllm.backend.VLLMBackend``) is a
 ``PushingBackend``: the engine's KV connector holds the tensors, so the producer only submits rows
 with a destination (``PushJob``), and the connector pushes each sample to it (a trainer rank's data
 endpoint, or ``file:///DIR`` for spill) and reports the outcome (``DeliveryReport``).

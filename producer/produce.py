@@ -12,7 +12,7 @@
 
 The loop (``run_producer``) only knows the ``Sink`` protocol; with ``--backend vllm`` the engine's
 connector writes the files (or pushes to trainer ranks with ``--connect``) and the producer only
-submits rows and collects delivery reports (``producer.vllm_backend``). Spill runs are resumable: indices
+submits rows and collects delivery reports (``producer.vllm.backend``). Spill runs are resumable: indices
 whose ``hs_{i}.safetensors`` is complete are skipped, temporaries of killed writers are removed
 (only this rank's), and ``--validate`` re-reads every file of this rank against the dataset.
 """
@@ -217,7 +217,7 @@ def make_vllm_backend(config: ProduceConfig, *, spill_dir: Path | None = None):
     """The ``--backend vllm`` backend; an in-process engine may spill under ``spill_dir`` only."""
     import json
 
-    from producer.vllm_backend import VLLMBackend, VLLMBackendConfig
+    from producer.vllm.backend import VLLMBackend, VLLMBackendConfig
 
     try:
         engine_args = json.loads(config.vllm_engine_args) if config.vllm_engine_args else {}
@@ -247,7 +247,7 @@ def _spill_with_vllm(config: ProduceConfig, dataset, todo: list[int], spill: Pat
     """``--backend vllm --spill``: vLLM's connector writes the files; returns the rows skipped for NaN/Inf."""
     from tqdm import tqdm
 
-    from producer.vllm_backend import spill_rows
+    from producer.vllm.backend import spill_rows
 
     backend = make_vllm_backend(config, spill_dir=spill)
     log.info("target: %s", backend.describe())

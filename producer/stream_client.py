@@ -34,7 +34,7 @@ import zmq
 
 from producer.backend import CaptureBackend, CaptureRow, PushingBackend, PushJob
 from protocol.codec import DEFAULT_CHUNK_BYTES, DTYPES
-from protocol.credit import sample_nbytes
+from protocol.target import sample_nbytes
 from protocol.messages import (
     EndOfStream,
     Error,

@@ -169,13 +169,15 @@ def _val_ratio(args: argparse.Namespace) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from trainer import checkpoint as ckpt
-    from trainer.data import FileSampleSource, PreparedDataset, split_train_val
-    from trainer.distributed import broadcast_ids, close_distributed, init_distributed, shard_model
-    from trainer.draft import DraftConfig, build_draft, load_draft, save_draft
-    from trainer.logging_setup import setup_logging
-    from trainer.loop import LoopConfig, Trainer, make_filler_batch
-    from trainer.verifier import read_verifier_config
+    from trainer.training import checkpoint as ckpt
+    from trainer.data.sources import FileSampleSource, PreparedDataset, split_train_val
+    from trainer.training.distributed import broadcast_ids, close_distributed, init_distributed, shard_model
+    from trainer.models.config import DraftConfig
+    from trainer.models.export import build_draft, load_draft, save_draft
+    from trainer.training.logging_setup import setup_logging
+    from trainer.training.config import LoopConfig
+    from trainer.training.loop import Trainer, make_filler_batch
+    from trainer.models.verifier import read_verifier_config
 
     try:
         env = init_distributed(args.device)
@@ -278,9 +280,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _stream_source(args: argparse.Namespace, env, dataset, verifier_config: dict, aux_ids: list[int]):
     """This rank's live sample source: binds its endpoints and waits for producers."""
-    from protocol.credit import sample_nbytes
+    from protocol.target import sample_nbytes
     from protocol.sockets import CurveKeys, SocketConfig
-    from trainer.stream import StreamConfig, StreamSampleSource, TargetSpec
+    from trainer.stream.source import StreamConfig, StreamSampleSource, TargetSpec
 
     num_layers = int(verifier_config["num_hidden_layers"])
     dtype = args.target_dtype or str(verifier_config.get("dtype") or verifier_config.get("torch_dtype") or "float32")

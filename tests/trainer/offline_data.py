@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from protocol.hsfile import write_hs_file
-from trainer.batch import PackedSample
+from trainer.data.batch import PackedSample
 
 
 def write_prepared_dataset(directory: str | Path, samples: list[PackedSample]) -> Path:

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from trainer.accounting import read_accounting
-from trainer.checkpoint import MASTER_WEIGHTS_FILE, MID_EPOCH_NAME, read_training_state
+from trainer.training.accounting import read_accounting
+from trainer.training.checkpoint import MASTER_WEIGHTS_FILE, MID_EPOCH_NAME, read_training_state
 
 
 def accounted_step(save_path: Path) -> int:

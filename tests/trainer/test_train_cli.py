@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from protocol.hsfile import hs_path
 from tests.trainer.offline_data import offline_dataset  # noqa: F401 - fixture
-from trainer import checkpoint as ckpt
-from trainer.accounting import read_accounting
+from trainer.training import checkpoint as ckpt
+from trainer.training.accounting import read_accounting
 from trainer.train import build_parser, main
 
 # Step 5 of the speculators offline tutorials (Eagle-3 with Llama-3.1-8B, P-EAGLE with Qwen3-8B),

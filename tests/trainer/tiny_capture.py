@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from producer.tiny_target import conversations
-from trainer.batch import PackedSample
+from trainer.data.batch import PackedSample
 
 
 def default_layer_ids(num_layers: int) -> list[int]:

@@ -29,7 +29,7 @@ def vllm_config(tiny_qwen3, spill_root):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from producer.launch_vllm import build_command, build_parser
+    from producer.vllm.launch import build_command, build_parser
 
     own = build_parser().parse_args([str(tiny_qwen3), "--spill-dir", str(spill_root)])
     command = build_command(own, ["--max-model-len", "512", "--dtype", "bfloat16"])

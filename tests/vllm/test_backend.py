@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-from producer.vllm_backend import HTTPEngine, InProcessEngine  # noqa: E402
-from producer.vllm_params import SampleRoute  # noqa: E402
+from producer.vllm.backend import HTTPEngine, InProcessEngine  # noqa: E402
+from producer.vllm.params import SampleRoute  # noqa: E402
 from tests.vllm.conftest import LAYER_IDS  # noqa: E402
 
 ROUTE = SampleRoute(sample_id=5, epoch=1, lease_id=2, destination="tcp://10.0.0.2:5601", num_tokens=4, loss_mask_spans=[[2, 4]], report="ipc:///tmp/r", ticket=3)
@@ -39,7 +39,7 @@ def test_in_process_engine_arguments_build_a_vllm_engine_config_on_cpu(tiny_qwen
     config = EngineArgs(**kwargs).create_engine_config()
     assert config.speculative_config.method == "extract_hidden_states"
     assert list(config.speculative_config.draft_model_config.hf_config.eagle_aux_hidden_state_layer_ids) == LAYER_IDS
-    assert config.kv_transfer_config.kv_connector_module_path == "producer.vllm_connector"
+    assert config.kv_transfer_config.kv_connector_module_path == "producer.vllm.connector"
     assert config.model_config.max_model_len == 256
     with pytest.raises(ValueError, match="may not set speculative_config"):
         InProcessEngine.llm_kwargs(str(tiny_qwen3), layer_ids=LAYER_IDS, dtype="bfloat16", engine_args={"speculative_config": {}}, connector_extra={})

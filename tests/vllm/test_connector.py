@@ -18,7 +18,7 @@ pytestmark = pytest.mark.vllm
 import torch  # noqa: E402
 import zmq  # noqa: E402
 
-from producer.vllm_params import PARAMS_KEY, SampleRoute, loss_mask_spans  # noqa: E402
+from producer.vllm.params import PARAMS_KEY, SampleRoute, loss_mask_spans  # noqa: E402
 from protocol.hsfile import hs_path, read_hs_file  # noqa: E402
 from protocol.messages import LeaseDone, LeaseFailed, Sample  # noqa: E402
 from protocol.sockets import SocketConfig, make_socket, recv_message  # noqa: E402
@@ -73,7 +73,7 @@ def cache_layer(vllm_config):
 @pytest.fixture
 def worker(vllm_config, kv_cache_config, cache_layer, monkeypatch):
     """The worker-side connector, made by vLLM's factory, holding a zeroed CPU hidden-state cache."""
-    import producer.vllm_connector as module
+    import producer.vllm.connector as module
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.distributed.kv_transfer.kv_connector.v1 import KVConnectorRole
 
@@ -91,7 +91,7 @@ def make_request(request_id: str, prompt: list[int], route: SampleRoute | None, 
     from vllm import SamplingParams
     from vllm.v1.request import Request
 
-    from producer.vllm_backend import InProcessEngine
+    from producer.vllm.backend import InProcessEngine
 
     kv = route.to_params() if route is not None else params
     sampling = InProcessEngine.sampling_params(kv) if kv is not None else SamplingParams(max_tokens=1)
@@ -150,12 +150,12 @@ def test_connector_loads_through_vllms_factory_from_kv_connector_module_path(vll
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.distributed.kv_transfer.kv_connector.v1.base import supports_hma
 
-    from producer.vllm_connector import DraftstreamConnector
+    from producer.vllm.connector import DraftstreamConnector
 
     transfer = vllm_config.kv_transfer_config
     assert (transfer.kv_connector, transfer.kv_connector_module_path, transfer.kv_role) == (
         "DraftstreamConnector",
-        "producer.vllm_connector",
+        "producer.vllm.connector",
         "kv_producer",
     )
     assert KVConnectorFactory.get_connector_class(transfer) is DraftstreamConnector

@@ -1,0 +1,449 @@
+"""``produce --backend vllm``: prepared rows run through vLLM; its KV connector sends the samples.
+
+::
+
+    produce process                                    vLLM (in-process engine, or `vllm serve`)
+      row + SampleRoute (kv_transfer_params) ----------> prefill, max_tokens=1, prompt = token ids
+      check prompt ids + connector's answer <-----------   extract_hidden_states -> hidden-state cache
+                                                           DraftstreamConnector (producer.vllm.connector)
+      report PULL (LeaseDone/LeaseFailed by ticket) <---     -- Sample --> trainer rank data endpoint
+                                                             -- or ---> file:///DIR/hs_{i}.safetensors
+
+The engine is either ``vllm.LLM`` in this process (the default; it gets the speculative and
+kv-transfer settings of ``producer.vllm.launch``) or a server started with ``draftstream
+launch-vllm`` (``--endpoint http://HOST:PORT``: OpenAI completions with token-id prompts,
+``max_tokens=1``, ``kv_transfer_params`` in the body, up to ``--concurrency`` requests at once).
+Either way the prompt token ids vLLM reports back must equal the row's, and the connector's answer
+must name the layer ids, hidden size and dtype this producer announced to the trainer.
+
+Delivery reports come back on a PULL socket this process binds (``--report-endpoint``, by default
+``ipc://`` in a temporary folder: the connector runs on this host). Without them, failures still
+heal through lease expiry on the trainer; spill waits for them to know when files are complete.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import zmq
+
+from producer.backend import CaptureRow, DeliveryReport, PushJob, PushResult, TargetInfo, check_layer_ids, default_layer_ids
+from producer.vllm.params import PARAMS_KEY, SampleRoute, loss_mask_spans
+from protocol.hsfile import hs_path
+from protocol.messages import LeaseDone, LeaseFailed, ProtocolError
+from protocol.sockets import SocketConfig, is_loopback_endpoint, make_socket, recv_message
+
+logger = logging.getLogger(__name__)
+
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclasses.dataclass(kw_only=True)
+class VLLMBackendConfig:
+    model: str
+    layer_ids: list[int] | None = None  # None: [2, N//2, N-3, N]
+    dtype: str = "auto"  # auto: the checkpoint's dtype (set explicitly on the in-process engine)
+    endpoint: str | None = None  # --endpoint http://HOST:PORT of `draftstream launch-vllm`; None: in-process
+    served_model_name: str | None = None  # --served-model-name; None: the server's first model
+    concurrency: int = 16  # --concurrency: requests in flight against --endpoint
+    request_timeout_seconds: float = 600.0
+    report_endpoint: str | None = None  # --report-endpoint: where the connector reports; None: ipc in a temp dir
+    engine_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # --vllm-engine-args: more vllm.LLM kwargs
+    connector_extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # in-process kv_connector_extra_config
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"--dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
+        if self.concurrency < 1:
+            raise ValueError(f"--concurrency must be >= 1, got {self.concurrency}")
+        if self.endpoint is not None and not self.endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"--endpoint must be the server's http://HOST:PORT, got {self.endpoint!r}")
+        if self.endpoint is not None and self.engine_args:
+            raise ValueError("--vllm-engine-args configure the in-process engine; a server (--endpoint) takes them at launch")
+
+
+@dataclasses.dataclass
+class Answer:
+    """What an engine says about one request: the prompt ids it ran and the connector's params."""
+
+    prompt_token_ids: list[int] | None
+    kv_transfer_params: dict[str, Any] | None
+    error: str = ""
+
+
+class Engine(Protocol):
+    def run(self, requests: list[tuple[list[int], dict[str, Any]]]) -> list[Answer]: ...
+
+    def close(self) -> None: ...
+
+
+class InProcessEngine:
+    """``vllm.LLM`` with hidden-state capture and our connector, in this process."""
+
+    def __init__(self, model: str, *, layer_ids: list[int], dtype: str, engine_args: dict[str, Any], connector_extra: dict[str, Any]):
+        from vllm import LLM
+
+        self.llm = LLM(**self.llm_kwargs(model, layer_ids=layer_ids, dtype=dtype, engine_args=engine_args, connector_extra=connector_extra))
+
+    @staticmethod
+    def llm_kwargs(model: str, *, layer_ids: list[int], dtype: str, engine_args: dict[str, Any], connector_extra: dict[str, Any]) -> dict[str, Any]:
+        """``vllm.LLM`` arguments: capture ``layer_ids`` with our connector, plus the user's extras."""
+        from producer.vllm.launch import kv_transfer_config, speculative_config
+
+        for owned in ("speculative_config", "kv_transfer_config", "model", "dtype"):
+            if owned in engine_args:
+                raise ValueError(f"--vllm-engine-args may not set {owned}: produce sets it")
+        return dict(
+            model=model,
+            dtype=dtype,
+            speculative_config=speculative_config(layer_ids),
+            kv_transfer_config=kv_transfer_config(connector_extra),
+            **engine_args,
+        )
+
+    @staticmethod
+    def sampling_params(kv_transfer_params: dict[str, Any]):
+        """One prefill, one sampled token; the route rides in ``extra_args`` as vLLM expects."""
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=1, temperature=0.0, extra_args={"kv_transfer_params": kv_transfer_params})
+
+    def run(self, requests: list[tuple[list[int], dict[str, Any]]]) -> list[Answer]:
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids, _ in requests]
+        params = [self.sampling_params(kv) for _, kv in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [Answer(list(out.prompt_token_ids or []), out.kv_transfer_params) for out in outputs]
+
+    def close(self) -> None:
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(engine, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+
+
+class HTTPEngine:
+    """A running ``vllm serve`` (``draftstream launch-vllm``), through its OpenAI completions API."""
+
+    def __init__(self, endpoint: str, *, served_model_name: str | None, concurrency: int, timeout_seconds: float):
+        self.base = endpoint.rstrip("/")
+        self.timeout = timeout_seconds
+        self.model = served_model_name or self._first_model()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="vllm-http")
+
+    def _first_model(self) -> str:
+        models = self._call("GET", "/v1/models").get("data") or []
+        if not models:
+            raise ValueError(f"{self.base}/v1/models lists no model; pass --served-model-name")
+        return str(models[0]["id"])
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")[:500]
+            raise RuntimeError(f"{method} {self.base}{path}: HTTP {e.code}: {detail}") from None
+        except urllib.error.URLError as e:
+            raise ConnectionError(f"{method} {self.base}{path}: {e.reason}; is the server up (draftstream launch-vllm)?") from None
+
+    @staticmethod
+    def completion_body(model: str, ids: list[int], kv_transfer_params: dict[str, Any]) -> dict[str, Any]:
+        """A completions request vLLM runs as exactly these token ids, one token out, and answers
+        with the prompt ids it ran (``return_token_ids``) and the connector's kv_transfer_params."""
+        return {
+            "model": model,
+            "prompt": ids,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "return_token_ids": True,
+            "kv_transfer_params": kv_transfer_params,
+        }
+
+    def _one(self, ids: list[int], kv: dict[str, Any]) -> Answer:
+        body = self.completion_body(self.model, ids, kv)
+        try:
+            reply = self._call("POST", "/v1/completions", body)
+        except RuntimeError as e:  # the server answered: this request failed, the others may not
+            return Answer(None, None, str(e))
+        choices = reply.get("choices") or [{}]
+        return Answer(choices[0].get("prompt_token_ids"), reply.get("kv_transfer_params"))
+
+    def run(self, requests: list[tuple[list[int], dict[str, Any]]]) -> list[Answer]:
+        return list(self._pool.map(lambda r: self._one(*r), requests))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def target_info(model: str, layer_ids: list[int] | None, dtype: str) -> TargetInfo:
+    """What vLLM will capture for ``model``, from its config alone (no weights)."""
+    import torch
+    from transformers import AutoConfig
+
+    from protocol.codec import DTYPE_NAMES
+
+    config = AutoConfig.from_pretrained(model)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_layers = int(text.num_hidden_layers)
+    ids = list(layer_ids) if layer_ids else default_layer_ids(num_layers)
+    check_layer_ids(ids, num_layers)
+    if dtype == "auto":
+        raw = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or getattr(config, "dtype", None) or "float32"
+        resolved = raw if isinstance(raw, torch.dtype) else getattr(torch, str(raw))
+        dtype = DTYPE_NAMES[resolved]
+    return TargetInfo(
+        target_model=model,
+        layer_ids=ids,
+        hidden_size=int(text.hidden_size),
+        dtype=dtype,
+        vocab_size=int(text.vocab_size),
+        num_layers=num_layers,
+    )
+
+
+class VLLMBackend:
+    """A ``PushingBackend`` over vLLM (see the module docstring). Not thread-safe: one thread
+    calls ``submit`` and ``poll_reports`` (it owns the report socket)."""
+
+    def __init__(self, config: VLLMBackendConfig, *, engine: Engine | None = None):
+        self.config = config
+        self.info = target_info(config.model, config.layer_ids, config.dtype)
+        self._tickets = itertools.count(1)
+        self._live: dict[int, int] = {}  # ticket -> sample id, until reported
+        self._tmpdir: str | None = None
+        self._ctx = zmq.Context()
+        self._report_sock, self.report_endpoint = self._bind_reports(config.report_endpoint)
+        try:
+            if engine is not None:
+                self.engine = engine
+            elif config.endpoint is not None:
+                self.engine = HTTPEngine(
+                    config.endpoint,
+                    served_model_name=config.served_model_name,
+                    concurrency=config.concurrency,
+                    timeout_seconds=config.request_timeout_seconds,
+                )
+            else:
+                self.engine = InProcessEngine(
+                    config.model,
+                    layer_ids=self.info.layer_ids,
+                    dtype=self.info.dtype,
+                    engine_args=config.engine_args,
+                    connector_extra=config.connector_extra,
+                )
+        except BaseException:
+            self._close_reports()
+            raise
+
+    def _bind_reports(self, endpoint: str | None) -> tuple[zmq.Socket, str]:
+        if endpoint is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="draftstream-report-")
+            endpoint = f"ipc://{self._tmpdir}/report.sock"
+        # A tcp:// report endpoint the user names is where the connector connects, so binding it
+        # on a non-loopback address is the opt-in.
+        config = SocketConfig(sndhwm=4, rcvhwm=1000, allow_remote=not is_loopback_endpoint(endpoint))
+        return make_socket(self._ctx, zmq.PULL, config, bind=endpoint), endpoint
+
+    def describe(self) -> TargetInfo:
+        return self.info
+
+    def capture(self, rows, *, epoch: int = 0, lease_id: int = 0):
+        raise TypeError("the vLLM backend does not hand samples to the producer: its connector sends them (use submit)")
+
+    def submit(self, jobs: list[PushJob]) -> list[PushResult]:
+        routes = []
+        for job in jobs:
+            ids = job.row.input_ids.tolist()
+            routes.append(
+                SampleRoute(
+                    sample_id=int(job.row.sample_id),
+                    epoch=job.epoch,
+                    lease_id=job.lease_id,
+                    destination=job.destination,
+                    num_tokens=len(ids),
+                    loss_mask_spans=loss_mask_spans(job.row.loss_mask),
+                    report=self.report_endpoint,
+                    ticket=next(self._tickets),
+                )
+            )
+        answers = self.engine.run([(job.row.input_ids.tolist(), route.to_params()) for job, route in zip(jobs, routes)])
+        results = []
+        for job, route, answer in zip(jobs, routes, answers):
+            error = answer.error or self._check(job.row, answer)
+            params = (answer.kv_transfer_params or {}).get(PARAMS_KEY)
+            if isinstance(params, dict) and not params.get("error"):
+                # The connector is sending it, even when we refuse the answer: its report is still due.
+                self._live[route.ticket] = route.sample_id
+            results.append(PushResult(job=job, ticket=route.ticket, error=error))
+        return results
+
+    def _check(self, row: CaptureRow, answer: Answer) -> str:
+        """Why vLLM's answer does not fit the row or the announced capture ("" if it does)."""
+        if answer.prompt_token_ids != row.input_ids.tolist():
+            got = answer.prompt_token_ids
+            return (
+                f"row {row.sample_id}: vLLM ran other prompt token ids than the row's "
+                f"({'none reported' if got is None else f'{len(got)} ids'} vs {len(row.input_ids)})"
+            )
+        params = (answer.kv_transfer_params or {}).get(PARAMS_KEY)
+        if not isinstance(params, dict):
+            return (
+                f"row {row.sample_id}: vLLM returned no {PARAMS_KEY!r} kv_transfer_params: is the server running "
+                "DraftstreamConnector (draftstream launch-vllm)?"
+            )
+        if params.get("error"):
+            return f"row {row.sample_id}: connector refused: {params['error']}"
+        announced = {"layer_ids": self.info.layer_ids, "hidden_size": self.info.hidden_size, "dtype": self.info.dtype}
+        for key, ours in announced.items():
+            if params.get(key) != ours:
+                return f"vLLM captures {key} {params.get(key)!r}, this producer announced {ours!r} (--target-layer-ids / --dtype must match launch-vllm's)"
+        return ""
+
+    def poll_reports(self, timeout_seconds: float = 0.0) -> list[DeliveryReport]:
+        """Reports that arrived (waiting up to ``timeout_seconds`` for the first)."""
+        reports: list[DeliveryReport] = []
+        if timeout_seconds > 0 and not self._report_sock.poll(int(timeout_seconds * 1000)):
+            return reports
+        while True:
+            try:
+                _, message = recv_message(self._report_sock, flags=zmq.NOBLOCK, max_message_bytes=1 << 20)
+            except zmq.Again:
+                return reports
+            except ProtocolError as e:
+                logger.warning("malformed delivery report: %s", e)
+                continue
+            if isinstance(message, LeaseDone):
+                ticket, ok, reason = message.lease_id, True, ""
+            elif isinstance(message, LeaseFailed):
+                ticket, ok, reason = message.lease_id, False, message.reason
+            else:
+                continue
+            sample_id = self._live.pop(ticket, None)
+            if sample_id is not None:
+                reports.append(DeliveryReport(ticket=ticket, sample_id=sample_id, ok=ok, reason=reason))
+
+    @property
+    def num_unreported(self) -> int:
+        return len(self._live)
+
+    def forget_unreported(self) -> list[int]:
+        """Give up on the reports still due; returns their sample ids."""
+        ids = list(self._live.values())
+        self._live.clear()
+        return ids
+
+    def _close_reports(self) -> None:
+        self._report_sock.close(linger=0)
+        self._ctx.term()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def close(self) -> None:
+        if self._ctx.closed:
+            return
+        try:
+            self.engine.close()
+        finally:
+            self._close_reports()
+
+
+# ---- spill through vLLM ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PushSpillStats:
+    num_submitted: int = 0
+    num_tokens: int = 0
+    num_written: int = 0
+    num_nonfinite: int = 0
+    nonfinite_ids: list[int] = dataclasses.field(default_factory=list)
+    failed: dict[int, str] = dataclasses.field(default_factory=dict)  # sample id -> why
+    stopped_early: bool = False
+
+
+def token_batches(rows: Iterable[CaptureRow], max_batch_tokens: int) -> Iterable[list[CaptureRow]]:
+    """Consecutive rows up to ``max_batch_tokens`` real tokens (vLLM packs without padding)."""
+    batch: list[CaptureRow] = []
+    tokens = 0
+    for row in rows:
+        if batch and tokens + len(row.input_ids) > max_batch_tokens:
+            yield batch
+            batch, tokens = [], 0
+        batch.append(row)
+        tokens += len(row.input_ids)
+    if batch:
+        yield batch
+
+
+def spill_rows(
+    backend: VLLMBackend,
+    rows: Iterable[CaptureRow],
+    directory: str | os.PathLike,
+    *,
+    max_batch_tokens: int,
+    report_timeout_seconds: float = 300.0,
+    stop: threading.Event | None = None,
+    progress=None,
+) -> PushSpillStats:
+    """Submit rows with destination ``file://DIRECTORY`` and wait until the connector has reported
+    every file written (or failed), at most ``report_timeout_seconds`` after the last submission."""
+    destination = "file://" + str(Path(directory).resolve())
+    stats = PushSpillStats()
+
+    def collect(reports: list[DeliveryReport]) -> None:
+        for report in reports:
+            if report.sample_id in stats.failed:
+                continue  # refused on submission; its file is removed below
+            if report.ok:
+                stats.num_written += 1
+            elif "NaN or Inf" in report.reason:
+                stats.num_nonfinite += 1
+                stats.nonfinite_ids.append(report.sample_id)
+            else:
+                stats.failed[report.sample_id] = report.reason
+            if progress is not None:
+                progress.update(1)
+
+    for batch in token_batches(rows, max_batch_tokens):
+        for result in backend.submit([PushJob(row=row, destination=destination) for row in batch]):
+            stats.num_submitted += 1
+            stats.num_tokens += len(result.job.row.input_ids)
+            if result.error:
+                stats.failed[int(result.job.row.sample_id)] = result.error
+                if progress is not None:
+                    progress.update(1)
+        collect(backend.poll_reports())
+        if stop is not None and stop.is_set():
+            stats.stopped_early = True
+            break
+    deadline = time.monotonic() + report_timeout_seconds
+    while backend.num_unreported and time.monotonic() < deadline:
+        collect(backend.poll_reports(timeout_seconds=min(1.0, max(0.01, deadline - time.monotonic()))))
+    for sample_id in backend.forget_unreported():
+        stats.failed.setdefault(
+            sample_id,
+            f"no delivery report within {report_timeout_seconds:.0f}s (--report-timeout); can the connector reach "
+            f"{backend.report_endpoint} (--report-endpoint)?",
+        )
+    # A resumed run skips rows whose file exists: a failed row must not leave one behind.
+    for sample_id in stats.failed:
+        hs_path(directory, sample_id).unlink(missing_ok=True)
+    return stats

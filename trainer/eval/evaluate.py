@@ -1,0 +1,341 @@
+"""``draftstream eval``: acceptance length of a saved draft against its Hugging Face target, no vLLM.
+
+Greedy speculative decoding (``trainer/eval/speculate.py``) of held-out prompts: the draft proposes K
+tokens per round, the target verifies them greedily, and the counters are vLLM's, so the figures
+read like ``vllm serve``'s "SpecDecoding metrics" log line (mean acceptance length including the
+bonus token, per-position acceptance rate)::
+
+    draftstream eval --checkpoint ./out/checkpoints/checkpoint_best --data ./out/prepared \\
+        --num-prompts 64 --max-new-tokens 256 --output acceptance.csv
+
+Prompts (``--data``, repeatable; each source is one subset of the results, plus ``all``):
+
+- a prepared dataset (``draftstream prepare`` output): each row's tokens up to its first supervised
+  position, i.e. the conversation up to the first assistant answer, exactly as training saw it;
+  ``--val-only`` keeps only the rows ``draftstream train`` held out for validation (same
+  ``--val-ratio`` and ``--seed``);
+- a ``.jsonl`` / ``.json`` file of conversations (``conversations`` or ``messages`` turns): the
+  turns before the first assistant turn, rendered with the target tokenizer's chat template and
+  ``add_generation_prompt``, as a chat request to ``vllm serve`` would be (rows that carry
+  ``input_ids`` + ``loss_mask`` instead are cut like prepared rows).
+
+Output: a table, a CSV (``--output``) with the columns vLLM-metrics tools read (``subset,
+num_drafts, num_draft_tokens, num_accepted_tokens, acceptance_length, acceptance_at_pos_0..K-1``),
+and one JSON line at the end of stdout. Exit status 2 for a usage or data error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from trainer.eval.speculate import AcceptanceStats, HFTarget, generate, stats_of
+
+logger = logging.getLogger("trainer.eval.evaluate")
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+          "model": "assistant", "system": "system", "tool": "tool", "function": "tool"}  # fmt: skip
+
+
+def csv_columns(num_speculative_tokens: int) -> list[str]:
+    base = ["subset", "num_drafts", "num_draft_tokens", "num_accepted_tokens", "acceptance_length"]
+    return base + [f"acceptance_at_pos_{p}" for p in range(num_speculative_tokens)]
+
+
+def csv_row(subset: str, stats: AcceptanceStats) -> dict:
+    row = {
+        "subset": subset,
+        "num_drafts": stats.num_drafts,
+        "num_draft_tokens": stats.num_draft_tokens,
+        "num_accepted_tokens": stats.num_accepted_tokens,
+        "acceptance_length": round(stats.acceptance_length, 6),
+    }
+    for p, rate in enumerate(stats.acceptance_per_pos):
+        row[f"acceptance_at_pos_{p}"] = round(rate, 6)
+    return row
+
+
+# --- prompts --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(kw_only=True)
+class PromptSet:
+    name: str  # the subset name in the results
+    prompts: list[list[int]]
+    num_skipped: int = 0  # rows without a usable prompt
+
+
+def _subset_name(spec: str) -> str:
+    path = Path(spec)
+    return path.stem if path.suffix in (".json", ".jsonl") else path.name or spec
+
+
+def prepared_prompts(path: Path, *, val_only: bool, val_ratio: float, seed: int) -> tuple[list[list[int]], int]:
+    """Row tokens up to the first supervised position; rows with none (or none before it) skipped."""
+    from trainer.data.sources import PreparedDataset, split_train_val
+
+    dataset = PreparedDataset(path)
+    rows = split_train_val(len(dataset), val_ratio=val_ratio, seed=seed)[1] if val_only else range(len(dataset))
+    prompts, skipped = [], 0
+    for i in rows:
+        ids, mask = dataset.row(i)
+        prompt = _prefix_before_first_supervised(ids.tolist(), mask.tolist())
+        skipped += prompt is None
+        if prompt is not None:
+            prompts.append(prompt)
+    return prompts, skipped
+
+
+def _read_rows(path: Path) -> list[dict]:
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    data = json.loads(text)
+    if isinstance(data, dict):
+        data = data.get("data") or data.get("rows") or []
+    if not isinstance(data, list):
+        raise ValueError(f"--data {path}: expected a list of rows")
+    return data
+
+
+def _prompt_turns(row: dict) -> list[dict[str, str]] | None:
+    """The turns before the first assistant turn, with canonical roles; None when unusable."""
+    turns = row.get("conversations") if row.get("conversations") is not None else row.get("messages")
+    if not isinstance(turns, list):
+        return None
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            return None
+        role = _ROLES.get(str(turn.get("role") if turn.get("role") is not None else turn.get("from")).lower())
+        content = turn.get("content") if turn.get("content") is not None else turn.get("value")
+        if role is None or not isinstance(content, str):
+            return None
+        if role == "assistant":
+            break
+        messages.append({"role": role, "content": content})
+    return messages if any(m["role"] != "system" for m in messages) else None
+
+
+def _prefix_before_first_supervised(ids: list[int], mask: list[int]) -> list[int] | None:
+    first = next((i for i, m in enumerate(mask) if m), None)
+    return list(ids[:first]) if first else None
+
+
+def conversation_prompts(path: Path, tokenizer) -> tuple[list[list[int]], int]:
+    """Prompts of a .json/.jsonl file: conversations rendered with the chat template, or
+    already-tokenized rows (``input_ids`` + ``loss_mask``) cut before the first supervised token."""
+    prompts, skipped = [], 0
+    for row in _read_rows(path):
+        if isinstance(row, dict) and "input_ids" in row and "loss_mask" in row:
+            prompt = _prefix_before_first_supervised(row["input_ids"], row["loss_mask"])
+            skipped += prompt is None
+            if prompt is not None:
+                prompts.append([int(t) for t in prompt])
+            continue
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"--data {path}: conversations need the target tokenizer's chat template, and it has none")
+        turns = _prompt_turns(row) if isinstance(row, dict) else None
+        if turns is None:
+            skipped += 1
+            continue
+        encoded = tokenizer.apply_chat_template(turns, tokenize=True, add_generation_prompt=True)
+        ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+        prompts.append([int(t) for t in ids])
+    return prompts, skipped
+
+
+def load_prompts(spec: str, tokenizer, args: argparse.Namespace) -> PromptSet:
+    path = Path(spec)
+    if path.is_file() and path.suffix in (".json", ".jsonl"):
+        prompts, skipped = conversation_prompts(path, tokenizer)
+    elif path.is_dir():
+        prompts, skipped = prepared_prompts(path, val_only=args.val_only, val_ratio=args.val_ratio, seed=args.seed)
+    else:
+        raise ValueError(f"--data {spec}: not a prepared dataset directory nor a .json/.jsonl file")
+    prompts = prompts[args.skip_prompts : args.skip_prompts + args.num_prompts]
+    if not prompts:
+        raise ValueError(f"--data {spec}: no prompts left ({skipped} rows had none; --skip-prompts {args.skip_prompts})")
+    return PromptSet(name=_subset_name(spec), prompts=prompts, num_skipped=skipped)
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="draftstream eval", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.add_argument("--checkpoint", required=True, help="saved draft directory (config.json + model.safetensors)")
+    p.add_argument("--verifier-name-or-path", default=None, help="target model; default: the one the checkpoint records")
+    p.add_argument("--data", action="append", required=True,
+                   help="prepared dataset directory or conversations .json/.jsonl; repeatable (one subset each)")  # fmt: skip
+    p.add_argument("--num-prompts", type=int, default=32, help="prompts per --data source")
+    p.add_argument("--skip-prompts", type=int, default=0, help="skip this many prompts of each source first")
+    p.add_argument("--val-only", action="store_true", help="prepared datasets: only the rows `train` held out for validation")
+    p.add_argument("--val-ratio", type=float, default=0.1, help="with --val-only: the training run's --val-ratio")
+    p.add_argument("--seed", type=int, default=42, help="with --val-only: the training run's --seed")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="K tokens proposed per round; default: the checkpoint's speculative_tokens")  # fmt: skip
+    p.add_argument("--output", default=None, help="write the results as CSV here")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="target dtype; auto = the checkpoint's (what training captured)")  # fmt: skip
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> torch.device:
+    if args.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    if args.skip_prompts < 0:
+        raise ValueError(f"--skip-prompts must be >= 0, got {args.skip_prompts}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.num_speculative_tokens is not None and args.num_speculative_tokens < 1:
+        raise ValueError(f"--num-speculative-tokens must be >= 1, got {args.num_speculative_tokens}")
+    if not (Path(args.checkpoint) / "config.json").is_file():
+        raise ValueError(f"--checkpoint {args.checkpoint}: no config.json (give an epoch folder or checkpoint_best)")
+    if not _DEVICE.match(args.device):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    return torch.device(args.device)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), model.config.eos_token_id,
+                  getattr(tokenizer, "eos_token_id", None)):  # fmt: skip
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return sorted(ids)
+
+
+def _load_tokenizer(verifier: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(verifier)
+    except (OSError, ValueError):  # a target without tokenizer files still evaluates prepared data
+        return None
+
+
+def print_table(rows: list[dict], num_prompts: dict[str, int], k: int) -> None:
+    head = f"{'subset':<20} {'prompts':>7} {'drafts':>7} {'drafted':>8} {'accepted':>8} {'acc.len':>7}"
+    head += "".join(f" {'pos' + str(p):>6}" for p in range(k))
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        line = f"{row['subset']:<20} {num_prompts[row['subset']]:>7} {row['num_drafts']:>7} {row['num_draft_tokens']:>8} "
+        line += f"{row['num_accepted_tokens']:>8} {row['acceptance_length']:>7.3f}"
+        line += "".join(f" {row[f'acceptance_at_pos_{p}']:>6.3f}" for p in range(k))
+        print(line)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from trainer.models.export import load_draft
+
+    device = _check_args(args)
+    checkpoint = json.loads((Path(args.checkpoint) / "config.json").read_text())
+    verifier = args.verifier_name_or_path or checkpoint["speculators_config"]["verifier"]["name_or_path"]
+    trained_k = int(checkpoint["speculators_config"]["proposal_methods"][0]["speculative_tokens"])
+    k = args.num_speculative_tokens or trained_k
+    if checkpoint.get("speculators_model_type") == "peagle" and k > trained_k:
+        logger.warning("P-EAGLE draft trained for %d depths, evaluated with K=%d: deeper depths were never trained", trained_k, k)
+
+    tokenizer = _load_tokenizer(verifier)
+    prompt_sets = [load_prompts(spec, tokenizer, args) for spec in args.data]
+    for s in prompt_sets:
+        logger.info("%s: %d prompts (%d rows without a prompt skipped)", s.name, len(s.prompts), s.num_skipped)
+    names = [s.name for s in prompt_sets]
+    if len(set(names)) != len(names) or "all" in names:
+        raise ValueError(f"--data sources need distinct names other than 'all' (got {names}): rename a file or folder")
+
+    draft = load_draft(args.checkpoint, verifier_name_or_path=verifier, attention_backend="sdpa").to(device).eval()
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(verifier, dtype=dtype).to(device)
+    target_vocab = model.get_input_embeddings().num_embeddings
+    if target_vocab != draft.layer_config.vocab_size:
+        raise ValueError(
+            f"target vocab {target_vocab} != the draft's {draft.layer_config.vocab_size}: "
+            "is --verifier-name-or-path the model the draft was trained on?"
+        )
+    target = HFTarget(model, draft.config.aux_layer_ids)
+    eos = _eos_ids(model, tokenizer)
+
+    from tqdm import tqdm
+
+    total = AcceptanceStats(k)
+    rows, num_prompts, num_generated = [], {}, 0
+    start = time.perf_counter()
+    try:
+        for prompt_set in prompt_sets:
+            generations = []
+            for prompt in tqdm(prompt_set.prompts, desc=f"eval {prompt_set.name}", file=sys.stderr, leave=False):
+                generations.append(
+                    generate(target, draft, prompt, max_new_tokens=args.max_new_tokens, num_speculative_tokens=k, eos_ids=eos)
+                )
+            stats = stats_of(generations, k)
+            total.merge(stats)
+            num_generated += sum(len(g.output_ids) for g in generations)
+            rows.append(csv_row(prompt_set.name, stats))
+            num_prompts[prompt_set.name] = len(prompt_set.prompts)
+    finally:
+        target.close()
+    rows.append(csv_row("all", total))
+    num_prompts["all"] = sum(len(s.prompts) for s in prompt_sets)
+
+    print_table(rows, num_prompts, k)
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=csv_columns(k))
+            writer.writeheader()
+            writer.writerows(rows)
+    return {
+        "eval": "acceptance",
+        "checkpoint": str(args.checkpoint),
+        "verifier": str(verifier),
+        "speculator_type": checkpoint.get("speculators_model_type"),
+        "num_speculative_tokens": k,
+        "max_new_tokens": args.max_new_tokens,
+        "num_prompts": num_prompts["all"],
+        "num_generated_tokens": num_generated,
+        "seconds": round(time.perf_counter() - start, 3),
+        "device": str(device),
+        "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s [eval] %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        result = run(args)
+    except ValueError as e:
+        print(f"draftstream eval: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

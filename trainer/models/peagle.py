@@ -1,0 +1,111 @@
+"""P-EAGLE draft: all K depths predicted in one forward, over COD-sampled elements.
+
+Alignment is Eagle-3's: draft position p sees x(p+1) and g(p) and is trained towards the
+verifier at p+1; ``label_N`` marks positions p whose label p+1 is loss-masked and in p's document.
+
+A *chain* anchored at position a drafts K tokens from the context ending at a: its depth-0
+element is the ordinary element at a (real token, real fused aux state) and its depth-d element
+predicts the verifier at a+d+1 from the learned ``mask_token_id`` embedding and ``mask_hidden``
+(in place of the fused aux state), at rotary position ``pos(a)+d+1``.
+
+COD sampling (SPEC): depth 0 holds every position; seeds are the labelled positions (at most
+``max_anchors``, drawn at random); depth d keeps ``int(max(0, n_seeds - d) * max(r**d, r_min))``
+chains, drawn from the chains present at depth d-1 whose next position is still labelled. An
+element attends to the depth-0 elements of its document up to its anchor and to its own chain's
+lower depths (``attention.cod_mask_mod``). All randomness comes from ``generator`` so a resumed
+run draws the same elements.
+
+Loss: one masked mean over all elements, no depth decay. Metrics: ``position_{d}_acc`` (argmax
+agreement at depth d) and ``full_acc`` (over all depths), ``loss``.
+
+Shape letters: N packed tokens (rows flattened), E sampled elements, H hidden, X = A*H, D draft vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainer.models.attention import AttentionMask, cod_mask_mod, resolve_backend
+from trainer.data.batch import PackedBatch
+from trainer.models.base import DraftModel, DraftOutput, flatten_rows, shift_left
+from trainer.models.config import DraftConfig
+from trainer.models.losses import mean_over, per_position_loss, ratio
+
+
+def cod_sample(
+    label_N: torch.Tensor, doc_N: torch.Tensor, config: DraftConfig, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(anchor_E, depth_E)``: depth 0 at every position, then the sampled chains by depth."""
+    n, device = label_N.shape[0], label_N.device
+
+    def draw(pool: torch.Tensor, k: int) -> torch.Tensor:
+        if pool.shape[0] <= k:
+            return pool
+        order = torch.randperm(pool.shape[0], generator=generator, device=generator.device if generator else "cpu")
+        return pool[order[:k].to(device)].sort().values
+
+    seeds = draw(torch.nonzero(label_N).squeeze(1), config.max_anchors)
+    # A chain's depth-1 element sits at its seed s and is anchored at s-1, which must be a real
+    # position of the same document.
+    before = (seeds - 1).clamp(min=0)
+    pool = seeds[(seeds > 0) & (doc_N[before] == doc_N[seeds])]
+    anchors, depths = [torch.arange(n, device=device)], [torch.zeros(n, dtype=torch.int64, device=device)]
+    for depth in range(1, config.num_depths):
+        keep = int(max(0, seeds.shape[0] - depth) * max(config.down_sample_ratio**depth, config.down_sample_ratio_min))
+        if keep <= 0 or pool.shape[0] == 0:
+            break
+        chosen = draw(pool, keep)
+        anchors.append(chosen - depth)
+        depths.append(torch.full_like(chosen, depth))
+        following = chosen + 1
+        following = following[following < n]
+        pool = following[label_N[following]]
+    return torch.cat(anchors), torch.cat(depths)
+
+
+class PEagleDraft(DraftModel):
+    def __init__(self, config: DraftConfig, layer_config, *, draft_vocab_size: int, target_hidden_size: int, mask_token_id: int):
+        super().__init__(config, layer_config, draft_vocab_size=draft_vocab_size, target_hidden_size=target_hidden_size)
+        self.mask_token_id = mask_token_id
+        self.mask_hidden = nn.Parameter(torch.randn(1, 1, config.num_aux * target_hidden_size))
+
+    def forward(self, batch: PackedBatch, *, generator: torch.Generator | None = None) -> DraftOutput:
+        cfg = self.config
+        rows = flatten_rows(batch, cfg.num_aux)
+        n, device = rows.input_ids_N.shape[0], rows.input_ids_N.device
+        label_N = (rows.doc_N >= 0) & (shift_left(rows.doc_N, 1, -1) == rows.doc_N) & shift_left(rows.loss_mask_N, 1, False)
+        anchor_E, depth_E = cod_sample(label_N, rows.doc_N, cfg, generator)
+        position_E = anchor_E + depth_E
+        first_E = depth_E == 0
+
+        tokens_E = torch.where(first_E, shift_left(rows.input_ids_N, 1, 0)[anchor_E], self.mask_token_id)
+        mask_hidden_X = self.mask_hidden.reshape(-1)
+        aux_EX = torch.where(first_E[:, None], rows.aux_NX[anchor_E].to(mask_hidden_X.dtype), mask_hidden_X)
+        attn_mask = AttentionMask.build(
+            cod_mask_mod(anchor_E, depth_E, rows.doc_N),
+            anchor_E.shape[0],
+            anchor_E.shape[0],
+            device=device,
+            backend=resolve_backend(cfg.attention_backend, device),
+        )
+        out_1EH = self.decode(
+            self.fuse_aux(aux_EX)[None],
+            self.embed_tokens(tokens_E)[None],
+            (rows.position_ids_N[anchor_E] + 1 + depth_E)[None],
+            attn_mask,
+        )
+        label_E = label_N[position_E]
+        at_X = torch.nonzero(label_E).squeeze(1)
+        logits_XD = self.lm_head(self.norm(out_1EH[0, at_X]))
+        target_XD = self.verifier_logits(rows.last_NH[position_E[at_X] + 1])
+        loss = mean_over(per_position_loss(logits_XD, target_XD, cfg.loss_fn))
+
+        with torch.no_grad():
+            correct_X = logits_XD.argmax(-1) == target_XD.argmax(-1)
+            depth_X = depth_E[at_X]
+            metrics = {"loss": loss.detach(), "full_acc": ratio(correct_X.sum(), label_E.sum())}
+            for depth in range(cfg.num_depths):
+                at_depth_X = depth_X == depth
+                metrics[f"position_{depth}_acc"] = ratio((correct_X & at_depth_X).sum(), at_depth_X.sum())
+        return DraftOutput(loss=loss, metrics=metrics, num_loss_tokens=label_E.sum())

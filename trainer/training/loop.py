@@ -1,0 +1,611 @@
+"""The training loop: plan -> sample source -> packed batch -> draft step, with exact resume.
+
+::
+
+    BatchPlan(epoch) --ids for (logical rank, step)--> Prefetch thread --FetchResult + packed batch-->
+        [queue, depth 2] --> main loop: draft forward/backward per micro-batch --> all-reduce of
+        step sums --> grad scale + clip --> optimizer/scheduler --> accounting record, log line,
+        checkpoint (epoch end, --save-every-steps, or a SIGTERM/SIGINT flag)
+
+Logical ranks. A step trains ``world_size * grad_accum_steps`` batches of the plan: process ``r``
+plays logical ranks ``r*A .. r*A+A-1`` one after the other (gradient accumulation), so one process
+with ``grad_accum_steps=2`` trains exactly what 2 processes train, batch for batch.
+
+Loss normalisation across ranks and micro-batches. The draft returns a loss (a masked mean) and
+``num_loss_tokens`` n. Each micro-batch backpropagates ``loss * n``; after the step's all-reduce of
+the token sum N, gradients are scaled by ``1/N`` (times the world size under FSDP, whose
+reduce-scatter averages). The step's gradient is therefore that of the token-weighted mean
+``sum(loss_i * n_i) / sum(n_i)`` over every batch of the step, whatever the number of processes:
+a 2-rank run and a 1-process run with 2 accumulation steps take the same steps, and the logged
+loss is that same weighted mean. A rank whose plan slot is empty (see ``trainer.data.plan``) runs a
+synthetic filler batch with weight 0, so it joins the FSDP collectives and adds nothing.
+
+The same all-reduce carries a "stop" flag, so a signal that reaches only some ranks, or reaches
+them at different steps, stops all of them after the same step. Signal handlers only set the
+flag; the loop writes ``<save>/latest/`` at the next step boundary and returns.
+
+Randomness is derived, never carried: the draft's generator for a micro-batch is seeded from
+(seed, epoch, step, logical rank), noise from (seed, epoch, sample id, use index). A resumed run therefore
+draws what an uninterrupted run draws; the global RNG states are saved too (rng_state_<rank>.pt)
+for anything else that uses them.
+
+After every step each process appends what it trained to the accounting record
+(``trainer.training.accounting``), rank 0 a line of metrics to ``<save>/train_log.jsonl`` (and the tracker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import logging
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainer.training import checkpoint as ckpt
+from trainer.training.accounting import ACCOUNTING_DIR, AccountingLog, truncate_accounting, truncate_records
+from trainer.data.batch import PackedBatch, pack
+from trainer.data.sources import FetchResult, SampleSource, add_aux_noise_
+from trainer.training.distributed import DistEnv, all_reduce_sum, barrier, is_sharded, set_gradient_sync
+from trainer.training.config import LoopConfig
+from trainer.training.optim import build_optimizers, build_schedulers
+from trainer.data.plan import BatchPlan, derive_seed
+from trainer.data.prefetch import MicroBatch, Prefetcher, fetch_micro_batches
+from trainer.training.trackers import JsonlLog, Tracker
+
+logger = logging.getLogger(__name__)
+
+@dataclasses.dataclass(kw_only=True)
+class StepResult:
+    epoch: int
+    step: int
+    global_step: int
+    loss: float
+    metrics: dict[str, float]
+    num_loss_tokens: int
+    num_tokens: int  # real tokens over all ranks
+    lr: float
+    grad_norm: float
+    seconds: float
+    stop_requested: bool
+    data_wait_s: float = 0.0  # time the loop waited for this step's data (stall)
+    num_samples: int = 0  # samples this process trained on in the step
+    wall_s: float = 0.0  # wall time since the previous step ended
+
+
+@dataclasses.dataclass(kw_only=True)
+class FitResult:
+    status: str  # "completed" | "max_steps" | "interrupted"
+    global_step: int
+    signal: int | None = None
+    checkpoint: Path | None = None
+    val_history: dict[int, float] = dataclasses.field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces
+
+
+def make_filler_batch(*, num_layers: int, hidden_size: int, dtype: torch.dtype, length: int = 8) -> PackedBatch:
+    """A small, well-conditioned synthetic batch (random states, every position supervised) for
+    ranks whose plan slot is empty: its loss is multiplied by zero, it exists to join collectives."""
+    g = torch.Generator().manual_seed(0)
+    return PackedBatch(
+        input_ids=torch.arange(length, dtype=torch.int64)[None],
+        hidden_states=torch.randn(1, length, num_layers, hidden_size, generator=g).to(dtype),
+        loss_mask=torch.ones(1, length, dtype=torch.bool),
+        position_ids=torch.arange(length, dtype=torch.int64)[None],
+        document_ids=torch.zeros(1, length, dtype=torch.int64),
+        sample_ids=[],
+    )
+
+
+def format_accuracies(metrics: dict[str, float]) -> str:
+    """``full_acc_0..2`` -> ``full_acc .41/.22/.10``; ``position_{d}_acc`` -> ``position_acc ...``."""
+    groups: dict[str, list[tuple[int, float]]] = {}
+    for name, value in metrics.items():
+        if "acc" not in name:
+            continue
+        match = re.search(r"_(\d+)", name)
+        key = name if match is None else name[: match.start()] + name[match.end() :]
+        groups.setdefault(key, []).append((int(match.group(1)) if match else 0, value))
+    return " ".join(f"{k} " + "/".join(f"{v:.3f}" for _, v in sorted(vals)) for k, vals in sorted(groups.items()))
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM handlers that only record the signal; a second SIGINT aborts at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("received %s: stopping after this step and writing a checkpoint", signal.Signals(signum).name)
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    """Owns the optimizer, scheduler, plans and progress of one training run on one process.
+
+    ``model`` is already on its device (and sharded under torchrun). ``state_dict()`` carries
+    epoch, step in the epoch (the plan cursor), global step, plan fingerprint, validation history
+    and this rank's RNG states: ``load_state_dict`` of it continues exactly where it was taken.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        config: LoopConfig,
+        env: DistEnv,
+        train_source: SampleSource,
+        train_ids: Sequence[int],
+        filler: PackedBatch,
+        val_source: SampleSource | None = None,
+        val_ids: Sequence[int] = (),
+        save_draft: Callable[..., None] | None = None,
+        run_config: dict | None = None,
+    ):
+        self.model = model
+        self.config = config
+        self.env = env
+        self.train_source = train_source
+        self.val_source = val_source or train_source
+        self.filler = filler
+        self.save_draft = save_draft
+        self.run_config = dict(run_config or {})
+        self.save_path = Path(config.save_path)
+        self.device = env.device
+        self.bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
+        self.logical_world = env.world_size * config.grad_accum_steps
+        self.logical_ranks = [env.rank * config.grad_accum_steps + m for m in range(config.grad_accum_steps)]
+
+        train_ids = [int(i) for i in train_ids]
+        if not train_ids:
+            raise ValueError("no training samples (check --data-path, --hidden-states-path and --val-ratio)")
+        lengths = train_source.lengths(train_ids)
+        self.plans = [
+            BatchPlan.build(sample_ids=train_ids, lengths=lengths, seed=config.seed, epoch=e,
+                            world_size=self.logical_world, total_seq_len=config.total_seq_len,
+                            reuse=config.reuse, reuse_window=config.reuse_window)
+            for e in range(config.epochs)
+        ]  # fmt: skip
+        val_ids = [int(i) for i in val_ids]
+        self.val_plan = (
+            BatchPlan.build(sample_ids=val_ids, lengths=self.val_source.lengths(val_ids), seed=config.seed, epoch=0,
+                            world_size=env.world_size, total_seq_len=config.total_seq_len, shuffle=False)
+            if val_ids else None
+        )  # fmt: skip
+        planned = sum(p.num_steps for p in self.plans)
+        self.total_steps = min(planned, config.max_steps) if config.max_steps else planned
+
+        self.optimizers = build_optimizers(model, config)
+        self.schedulers = build_schedulers(self.optimizers, config, self.total_steps)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.epoch_complete = False
+        self.val_history: dict[int, float] = {}
+        self.train_loss_history: dict[int, float] = {}
+        self.best_epoch: int | None = None
+        self._epoch_loss = [0.0, 0.0]  # sum(loss * n), sum(n) of the current epoch
+        self.stop = GracefulStop()
+        self._accounting = AccountingLog(self.save_path / ACCOUNTING_DIR / f"rank{env.rank}.jsonl")
+        self._log = JsonlLog(self.save_path / "train_log.jsonl" if env.is_main else None)
+        self._tracker: Tracker | None = None
+        self._scheduled: set[int] = set()  # epochs already announced to a streaming source
+        self._window: dict[str, float] = {}
+        self._reset_window()
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        plan = self.plans[min(self.epoch, len(self.plans) - 1)]
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "epoch_complete": self.epoch_complete,
+            "plan": plan.describe(),
+            "val_history": {str(k): v for k, v in self.val_history.items()},
+            "train_loss_history": {str(k): v for k, v in self.train_loss_history.items()},
+            "best_epoch": self.best_epoch,
+            "epoch_loss": list(self._epoch_loss),
+            "rng": ckpt.capture_rng_state(),
+            "run_config": {k: str(v) for k, v in self.run_config.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
+        if epoch < len(self.plans) and step > 0 and not state.get("epoch_complete"):
+            expected = state["plan"]["fingerprint"]
+            if self.plans[epoch].fingerprint != expected:
+                raise ValueError(
+                    f"cannot resume mid-epoch {epoch}: the batch plan differs from the checkpoint's (dataset, "
+                    "--seed, --total-seq-len, world size or --grad-accum-steps changed); restore them, or start "
+                    "a new --save-path"
+                )
+        self.epoch, self.step_in_epoch = epoch, step
+        self.global_step = int(state["global_step"])
+        self.epoch_complete = bool(state.get("epoch_complete", False))
+        self.val_history = {int(k): float(v) for k, v in state.get("val_history", {}).items()}
+        self.train_loss_history = {int(k): float(v) for k, v in state.get("train_loss_history", {}).items()}
+        self.best_epoch = state.get("best_epoch")
+        self._epoch_loss = [float(x) for x in state.get("epoch_loss", [0.0, 0.0])]
+        if "rng" in state:
+            ckpt.restore_rng_state(state["rng"])
+
+    def restore(self, directory: str | Path) -> None:
+        """Resume from a checkpoint folder: optimizer, scheduler, progress, RNG, accounting.
+        (Weights are loaded before sharding, by the caller: ``checkpoint.load_master_weights``.)"""
+        directory = Path(directory)
+        ckpt.load_optimizer_and_schedulers(directory, env=self.env, model=self.model,
+                                           optimizers=self.optimizers, schedulers=self.schedulers)  # fmt: skip
+        state = ckpt.read_training_state(directory)
+        own_rng = ckpt.load_rng_state(directory, self.env.rank)
+        if own_rng is not None:
+            state = {**state, "rng": own_rng}
+        self.load_state_dict(state)
+        self._accounting.flush()
+        barrier(self.env)
+        if self.env.is_main:
+            dropped = truncate_accounting(self.save_path, self.global_step)
+            truncate_records(self._log.path, self.global_step)
+            self._log.reopen()
+            if dropped:
+                logger.warning("dropped %d accounting records past global step %d (work done after the checkpoint)",
+                               dropped, self.global_step)  # fmt: skip
+        barrier(self.env)
+        self._accounting.reopen()
+        logger.info("resumed from %s: epoch %d, step %d in epoch, global step %d",
+                    directory, self.epoch, self.step_in_epoch, self.global_step)  # fmt: skip
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def _autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _generator(self, *parts) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(derive_seed("draft", self.config.seed, *parts))
+
+    def _forward(self, batch: PackedBatch, generator: torch.Generator):
+        with self._autocast():
+            return self.model(batch, generator=generator)
+
+    def _micro_batch(self, micro: MicroBatch) -> tuple[PackedBatch, bool]:
+        if micro.batch is None:
+            return self.filler.to(self.device), False
+        batch = micro.batch.to(self.device, non_blocking=True)
+        return batch, True
+
+    def run_step(self, epoch: int, step: int, micros: Sequence[MicroBatch]) -> StepResult:
+        """One optimizer step over this process's micro-batches (all ranks call it together)."""
+        cfg = self.config
+        self.model.train()
+        t0 = time.perf_counter()
+        local_n = local_loss = local_tokens = 0.0
+        metric_names: list[str] | None = None
+        metric_sums: torch.Tensor | None = None
+        for m, micro in enumerate(micros):
+            set_gradient_sync(self.model, m == len(micros) - 1)
+            batch, real = self._micro_batch(micro)
+            if real and cfg.noise_std > 0:
+                uses = self.plans[epoch].uses_at(micro.logical_rank, step)
+                add_aux_noise_(batch, std=cfg.noise_std, seed=cfg.seed, epoch=epoch, uses=uses)
+            out = self._forward(batch, self._generator(epoch, step, micro.logical_rank))
+            n = out.num_loss_tokens.detach().float().to(self.device) if real else torch.zeros((), device=self.device)
+            (out.loss * n).backward()
+            if metric_names is None:
+                metric_names = sorted(out.metrics)
+                metric_sums = torch.zeros(len(metric_names), dtype=torch.float64, device=self.device)
+            if float(n) > 0:  # a filler's (or an unsupervised batch's) metrics may be NaN: never add them
+                metric_sums += torch.stack([out.metrics[k].detach().double().reshape(()) for k in metric_names]) * float(n)
+                local_n += float(n)
+                local_loss += float(out.loss.detach()) * float(n)
+            local_tokens += batch.num_tokens if real else 0
+        head = torch.tensor([local_n, local_loss, local_tokens, float(self.stop.signum is not None)],
+                            dtype=torch.float64, device=self.device)  # fmt: skip
+        sums = all_reduce_sum(torch.cat([head, metric_sums]), self.env)
+        total_n, total_loss, total_tokens, stops = sums[:4].tolist()
+        # Gradients hold sum_i d(loss_i * n_i) (averaged over ranks by FSDP's reduce-scatter).
+        scale = (self.env.world_size if is_sharded(self.model) else 1.0) / max(total_n, 1.0)
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lr = self.optimizers[-1].param_groups[0]["lr"]
+        for o in self.optimizers:
+            o.step()
+        for s in self.schedulers:
+            s.step()
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+        denom = max(total_n, 1.0)
+        metrics = {k: float(v) / denom for k, v in zip(metric_names or [], sums[4:].tolist())}
+        return StepResult(
+            epoch=epoch, step=step, global_step=self.global_step + 1, loss=total_loss / denom, metrics=metrics,
+            num_loss_tokens=int(total_n), num_tokens=int(total_tokens), lr=lr, grad_norm=float(grad_norm),
+            seconds=time.perf_counter() - t0, stop_requested=stops > 0,
+        )  # fmt: skip
+
+    # ---- validation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float] | None:
+        if self.val_plan is None:
+            return None
+        self.model.eval()
+        sums: torch.Tensor | None = None
+        names: list[str] = []
+        for step in range(self.val_plan.num_steps):
+            ids = self.val_plan.batches_for(self.env.rank, step)
+            fetched = self.val_source.fetch(ids) if ids else FetchResult(samples=[])
+            real = bool(fetched.samples)
+            batch = pack(fetched.samples, self.config.total_seq_len).to(self.device) if real else self.filler.to(self.device)
+            out = self._forward(batch, self._generator("val", step, self.env.rank))
+            n = float(out.num_loss_tokens) if real else 0.0
+            if sums is None:
+                names = sorted(out.metrics)
+                sums = torch.zeros(2 + len(names), dtype=torch.float64, device=self.device)
+            if n > 0:
+                values = [out.loss.double().reshape(()), *[out.metrics[k].double().reshape(()) for k in names]]
+                sums += torch.stack([torch.ones((), dtype=torch.float64, device=self.device), *values]) * n
+        if sums is None:  # no validation step at all on any rank
+            return None
+        sums = all_reduce_sum(sums, self.env).tolist()
+        denom = max(sums[0], 1.0)
+        return {"val_loss": sums[1] / denom, **{f"val_{k}": v / denom for k, v in zip(names, sums[2:])}}
+
+    # ---- logging --------------------------------------------------------------------------------
+
+    def _stream_figures(self, r: StepResult) -> dict[str, float]:
+        """Stall % over the log window, and a streaming source's rates, fill and leases."""
+        w = self._window
+        w["wait"] += r.data_wait_s
+        w["wall"] += r.wall_s
+        w["samples"] += r.num_samples
+        figures = {"data_wait_s": r.data_wait_s, "stall_pct": 100.0 * w["wait"] / w["wall"] if w["wall"] > 0 else 0.0}
+        snapshot = getattr(self.train_source, "snapshot", None)
+        if snapshot is not None:
+            snap = snapshot()
+            dt = w["wall"] or 1e-9
+            figures.update(
+                samples_in_per_s=(snap["samples_in"] - w["samples_in"]) / dt,
+                samples_out_per_s=w["samples"] / dt,
+                gb_in_per_s=(snap["bytes_in"] - w["bytes_in"]) / dt / 1e9,
+                buffer_fill=snap["buffer_fill"],
+                leases_outstanding=snap["leases_outstanding"],
+                leases_expired=snap["leases_expired"],
+                producers=snap["producers"],
+            )
+            w["next_samples_in"], w["next_bytes_in"] = snap["samples_in"], snap["bytes_in"]
+        return figures
+
+    def _reset_window(self) -> None:
+        w = self._window
+        w.update(wait=0.0, wall=0.0, samples=0, samples_in=w.get("next_samples_in", 0.0), bytes_in=w.get("next_bytes_in", 0.0))
+
+    def _log_step(self, r: StepResult, bar) -> None:
+        cfg = self.config
+        tokens_per_s = r.num_tokens / r.seconds if r.seconds > 0 else 0.0
+        figures = self._stream_figures(r)
+        record = {"kind": "train", "epoch": r.epoch, "step": r.step, "global_step": r.global_step, "loss": r.loss,
+                  **r.metrics, "lr": r.lr, "grad_norm": r.grad_norm, "num_tokens": r.num_tokens,
+                  "num_loss_tokens": r.num_loss_tokens, "tokens_per_s": tokens_per_s, "step_wall_s": r.wall_s,
+                  **figures}  # fmt: skip
+        self._log.write(record)
+        if self._tracker is not None:
+            self._tracker.log({f"train/{k}": v for k, v in record.items() if k not in ("kind", "epoch", "step")}, r.global_step)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{r.loss:.4f}", refresh=False)
+        if r.global_step % cfg.log_every == 0 or r.global_step == self.total_steps:
+            accs = format_accuracies(r.metrics)
+            stream = ""
+            if "samples_in_per_s" in figures:
+                stream = (
+                    f" | in {figures['samples_in_per_s']:.1f}/s out {figures['samples_out_per_s']:.1f}/s "
+                    f"{figures['gb_in_per_s']:.3f} GB/s buf {100 * figures['buffer_fill']:.0f}% "
+                    f"leases {figures['leases_outstanding']:.0f} (expired {figures['leases_expired']:.0f}) "
+                    f"producers {figures['producers']:.0f}"
+                )
+            logger.info(
+                "epoch %d step %d/%d (global %d/%d) loss %.4f | %s | lr %.3e gnorm %.3f | %.0f tok/s | stall %.1f%%%s",
+                r.epoch, r.step + 1, self.plans[r.epoch].num_steps, r.global_step, self.total_steps, r.loss, accs,
+                r.lr, r.grad_norm, tokens_per_s, figures["stall_pct"], stream,
+            )  # fmt: skip
+            self._reset_window()
+
+    def _log_val(self, epoch: int, values: dict[str, float]) -> None:
+        self._log.write({"kind": "val", "epoch": epoch, "global_step": self.global_step, **values})
+        if self._tracker is not None:
+            self._tracker.log({k.replace("val_", "val/", 1): v for k, v in values.items()}, self.global_step)
+        accs = format_accuracies({k[4:]: v for k, v in values.items()})
+        logger.info("epoch %d validation: loss %.4f | %s", epoch, values["val_loss"], accs)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def save(self, name: str) -> Path:
+        if self.save_draft is None:
+            raise ValueError("this Trainer was built without save_draft; it cannot write checkpoints")
+        self._accounting.flush()
+        path = ckpt.save_checkpoint(
+            self.save_path, name, env=self.env, model=self.model, optimizers=self.optimizers,
+            schedulers=self.schedulers, training_state=self.state_dict(), save_draft=self.save_draft,
+        )  # fmt: skip
+        logger.info("checkpoint %s (epoch %d, step %d in epoch, global step %d)", path, self.epoch,
+                    self.step_in_epoch, self.global_step)  # fmt: skip
+        return path
+
+    def _finish_epoch(self, epoch: int, *, force_save: bool) -> Path | None:
+        values = self.validate()
+        if self._epoch_loss[1] > 0:
+            self.train_loss_history[epoch] = self._epoch_loss[0] / self._epoch_loss[1]
+        if values is not None:
+            self.val_history[epoch] = values["val_loss"]
+            self._log_val(epoch, values)
+        score = self.val_history if self.val_history else self.train_loss_history
+        path = None
+        last = epoch == self.config.epochs - 1
+        if force_save or last or (epoch + 1) % self.config.checkpoint_freq == 0:
+            if epoch in score and (self.best_epoch is None or self.best_epoch not in score or score[epoch] <= score[self.best_epoch]):
+                self.best_epoch = epoch
+            path = self.save(str(epoch))
+            if self.env.is_main:
+                if self.best_epoch is not None and (self.save_path / str(self.best_epoch)).is_dir():
+                    ckpt.update_best_link(self.save_path, str(self.best_epoch))
+                ckpt.remove_checkpoint(self.save_path, ckpt.MID_EPOCH_NAME)
+            barrier(self.env)
+        return path
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def _out_of_steps(self) -> bool:
+        return self.config.max_steps is not None and self.global_step >= self.config.max_steps
+
+    def fetch_step(self, epoch: int, step: int) -> list[MicroBatch]:
+        """This process's micro-batches of (epoch, step), fetched and packed synchronously."""
+        return fetch_micro_batches(self.plans[epoch], self.train_source, self.logical_ranks, step,
+                                   total_seq_len=self.config.total_seq_len)  # fmt: skip
+
+    def _run_epoch(self, epoch: int, plan: BatchPlan, bar) -> FitResult | None:
+        """Steps from the cursor to the end of the epoch (or --max-steps); a FitResult if a stop
+        signal ended it."""
+        cfg = self.config
+        prefetch = Prefetcher(plan=plan, source=self.train_source, logical_ranks=self.logical_ranks,
+                               start_step=self.step_in_epoch, total_seq_len=cfg.total_seq_len,
+                               depth=cfg.prefetch_depth, pin=self.device.type == "cuda")  # fmt: skip
+        waited, last_end = prefetch.wait_seconds, time.perf_counter()
+        try:
+            for step, micros in prefetch:
+                if self._out_of_steps():
+                    return None
+                result = self.run_step(epoch, step, micros)
+                now = time.perf_counter()
+                result.data_wait_s, result.wall_s = prefetch.wait_seconds - waited, now - last_end
+                result.num_samples = sum(len(m.fetched.samples) for m in micros)
+                waited, last_end = prefetch.wait_seconds, now
+                self.global_step = result.global_step
+                self.step_in_epoch = step + 1
+                self._epoch_loss[0] += result.loss * result.num_loss_tokens
+                self._epoch_loss[1] += result.num_loss_tokens
+                for micro in micros:
+                    self._accounting.record(
+                        epoch=epoch, step=step, global_step=self.global_step, logical_rank=micro.logical_rank,
+                        sample_ids=[s.sample_id for s in micro.fetched.samples], skipped=micro.fetched.skipped,
+                    )  # fmt: skip
+                self._accounting.flush()
+                self._log_step(result, bar)
+                if result.stop_requested:
+                    path = self.save(ckpt.MID_EPOCH_NAME)
+                    signum = self.stop.signum or signal.SIGTERM
+                    logger.warning("stopped by %s at global step %d; run the same command to resume from %s",
+                                   signal.Signals(signum).name, self.global_step, path)  # fmt: skip
+                    return FitResult(status="interrupted", global_step=self.global_step, signal=int(signum),
+                                     checkpoint=path, val_history=dict(self.val_history))  # fmt: skip
+                if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and self.step_in_epoch < plan.num_steps:
+                    self.save(ckpt.MID_EPOCH_NAME)
+        finally:
+            prefetch.close()
+        return None
+
+    def _schedule_stream(self, epoch: int) -> None:
+        """A streaming source learns, in fetch order, what this process will fetch in ``epoch``:
+        training from the cursor, then validation, which runs for every epoch the loop enters. A
+        later epoch is entered only if --max-steps leaves it steps, so the schedule is exact."""
+        schedule = getattr(self.train_source, "schedule", None)
+        if schedule is None or epoch >= self.config.epochs or epoch in self._scheduled:
+            return
+        self._scheduled.add(epoch)
+        plan = self.plans[epoch]
+        start = self.step_in_epoch if epoch == self.epoch else 0
+        end = plan.num_steps
+        if self.config.max_steps is not None:
+            steps_before = sum(self.plans[e].num_steps for e in range(self.epoch, epoch)) - (self.step_in_epoch if epoch > self.epoch else 0)
+            budget = self.config.max_steps - self.global_step - steps_before
+            if epoch > self.epoch and budget <= 0:
+                return  # the run ends before this epoch
+            end = min(end, start + max(0, budget))
+        ids = [sid for step in range(start, end) for lr in self.logical_ranks for sid in plan.batches_for(lr, step)]
+        if self.val_plan is not None and self.val_source is self.train_source:
+            ids += [sid for step in range(self.val_plan.num_steps) for sid in self.val_plan.batches_for(self.env.rank, step)]
+        schedule(epoch, ids)
+
+    def fit(self) -> FitResult:
+        cfg = self.config
+        self._tracker = Tracker(cfg, self.env, self.run_config)
+        bar = None
+        if cfg.progress and self.env.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step", dynamic_ncols=True,
+                       disable=None, leave=False)  # fmt: skip
+        try:
+            with self.stop:
+                while self.epoch < cfg.epochs:
+                    epoch = self.epoch
+                    plan = self.plans[epoch]
+                    if self.epoch_complete:  # resumed from (or just wrote) this epoch's folder
+                        self.epoch, self.step_in_epoch, self.epoch_complete = epoch + 1, 0, False
+                        self._epoch_loss = [0.0, 0.0]
+                        continue
+                    if self._out_of_steps():
+                        break
+                    self._schedule_stream(epoch)
+                    self._schedule_stream(epoch + 1)  # producers keep going through validation and the epoch turn
+                    if self.step_in_epoch == 0:
+                        logger.info("epoch %d: %d samples in %d batches, %d steps of %d batches", epoch,
+                                    plan.num_samples, plan.num_batches, plan.num_steps, self.logical_world)  # fmt: skip
+                    interrupted = self._run_epoch(epoch, plan, bar)
+                    if interrupted is not None:
+                        return interrupted
+                    out_of_steps = self._out_of_steps()
+                    if self.step_in_epoch >= plan.num_steps:
+                        self.epoch_complete = True
+                        self._finish_epoch(epoch, force_save=out_of_steps)
+                    elif out_of_steps:  # --max-steps ran out mid-epoch: save where we are
+                        self._finish_epoch(epoch, force_save=True)
+            status = "max_steps" if self._out_of_steps() and self.epoch < cfg.epochs else "completed"
+            return FitResult(status=status, global_step=self.global_step, val_history=dict(self.val_history))
+        finally:
+            if bar is not None:
+                bar.close()
+            self.close()
+
+    def close(self) -> None:
+        self._accounting.close()
+        self._log.close()
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None

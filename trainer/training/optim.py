@@ -1,0 +1,76 @@
+"""Optimizers and learning-rate schedules of the training loop.
+
+AdamW over every trainable parameter (default), or ``--optimizer muon``: ``torch.optim.Muon`` over
+the 2-D hidden weight matrices (fc, attention and MLP projections) and AdamW over the rest (norms,
+embeddings, ``mask_hidden``), as the speculators trainer splits them. Muon's default lr is 10x
+``--lr`` with ``adjust_lr_fn="match_rms_adamw"`` (speculators' defaults).
+
+Schedules are a ``LambdaLR`` per optimizer: linear warmup over ``warmup`` steps (from ``--scheduler-
+warmup-steps`` or ``--scheduler-warmup-ratio`` of the total), then linear decay to 0, cosine decay
+(``--scheduler-num-cosine-cycles``, 0.5 = half a cosine down to 0) or constant (``none``). The
+total is the number of optimizer steps the run will take (all epochs' plans, capped by
+``--max-steps``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from trainer.training.config import LoopConfig
+
+
+def build_optimizers(model: nn.Module, config: LoopConfig) -> list[torch.optim.Optimizer]:
+    """AdamW over every trainable parameter, or Muon over the 2-D hidden weight matrices plus
+    AdamW over the rest (norms, embeddings, mask_hidden), as the speculators trainer does."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters")
+    if config.optimizer == "adamw":
+        return [torch.optim.AdamW([p for _, p in named], lr=config.lr, weight_decay=config.weight_decay)]
+    matrices = [p for n, p in named if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
+    rest = [p for n, p in named if not (p.ndim == 2 and "embed" not in n and "lm_head" not in n)]
+    optims: list[torch.optim.Optimizer] = [
+        torch.optim.Muon(
+            matrices,
+            lr=config.muon_lr if config.muon_lr is not None else 10 * config.lr,
+            weight_decay=config.muon_weight_decay,
+            momentum=config.muon_momentum,
+            adjust_lr_fn="match_rms_adamw",
+        )
+    ]
+    if rest:
+        optims.append(torch.optim.AdamW(rest, lr=config.lr, weight_decay=config.weight_decay))
+    return optims
+
+
+def lr_factor(step: int, *, kind: str, warmup: int, total: int, cycles: float) -> float:
+    """Multiplier of the base lr for the optimizer step with index ``step`` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if kind == "none":
+        return 1.0
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 2.0 * cycles * progress)))
+
+
+def build_schedulers(optimizers: Sequence[torch.optim.Optimizer], config: LoopConfig, total_steps: int):
+    if config.warmup_steps is not None:
+        warmup = config.warmup_steps
+    elif config.warmup_ratio is not None:
+        warmup = int(round(config.warmup_ratio * total_steps))
+    else:
+        warmup = 0
+
+    def factor(step: int) -> float:
+        return lr_factor(step, kind=config.scheduler_type, warmup=warmup, total=total_steps, cycles=config.num_cosine_cycles)
+
+    return [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in optimizers]
+
+
