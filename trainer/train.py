@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.training.distributed import broadcast_ids, close_distributed, init_distributed, shard_model
     from trainer.models.config import DraftConfig
     from trainer.models.export import build_draft, load_draft, save_draft
-    from trainer.training.logging_setup import setup_logging
+    from protocol.logs import setup_logging
     from trainer.training.config import LoopConfig
     from trainer.training.loop import Trainer, make_filler_batch
     from trainer.models.verifier import read_verifier_config
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"draftstream train: error: {e}", file=sys.stderr)
         return 2
-    setup_logging(role="trainer", rank=env.rank)
+    setup_logging("trainer", rank=env.rank)
     try:
         try:
             loop_config = LoopConfig(

@@ -35,6 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from protocol.hsfile import HIDDEN_STATES, HiddenStateFileError, hs_path, list_hs_indices, read_hs_file
+from protocol.dataset import PreparedDataset
 from trainer.data.batch import PackedBatch, PackedSample
 from trainer.data.plan import derive_seed
 
@@ -64,47 +65,6 @@ class SampleSource(Protocol):
     def lengths(self, sample_ids: Sequence[int]) -> list[int]:
         """Token counts of these samples (what the batch plan packs by), without loading them."""
         ...
-
-
-class PreparedDataset:
-    """Rows of a prepared dataset (``draftstream prepare`` output, ``datasets.load_from_disk``):
-    ``input_ids``, ``loss_mask`` and ``seq_len`` per row; row index = sample id."""
-
-    def __init__(self, path: str | os.PathLike):
-        import datasets
-
-        path = Path(path)
-        if not path.is_dir():
-            raise ValueError(f"--data-path {path}: no such directory")
-        try:
-            self._ds = datasets.load_from_disk(str(path))
-        except FileNotFoundError as e:
-            raise ValueError(f"--data-path {path}: not a saved dataset ({e})") from e
-        if isinstance(self._ds, datasets.DatasetDict):
-            raise ValueError(f"--data-path {path}: holds a DatasetDict ({list(self._ds)}); give one split's directory")
-        missing = {"input_ids", "loss_mask"} - set(self._ds.column_names)
-        if missing:
-            raise ValueError(f"--data-path {path}: dataset lacks columns {sorted(missing)}")
-        self.path = path
-        # datasets' own fingerprint of the saved folder: producers send theirs in the handshake.
-        self.fingerprint = str(getattr(self._ds, "_fingerprint", "") or "")
-        raw = self._ds.with_format(None)
-        if "seq_len" in self._ds.column_names:
-            self._lengths = [int(n) for n in raw["seq_len"]]
-        else:
-            self._lengths = [len(ids) for ids in raw["input_ids"]]
-        self._ds = self._ds.with_format("torch", columns=["input_ids", "loss_mask"])
-
-    def __len__(self) -> int:
-        return len(self._lengths)
-
-    def lengths(self, sample_ids: Sequence[int]) -> list[int]:
-        return [self._lengths[i] for i in sample_ids]
-
-    def row(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids [T] int64, loss_mask [T] bool) of row ``index``."""
-        r = self._ds[int(index)]
-        return torch.as_tensor(r["input_ids"], dtype=torch.int64), torch.as_tensor(r["loss_mask"]).bool()
 
 
 def split_train_val(num_rows: int, *, val_ratio: float, seed: int) -> tuple[list[int], list[int]]:
