@@ -64,12 +64,12 @@ def write_fake_verifier(directory: Path, shape: dict, *, dtype=torch.bfloat16, s
 
 
 def random_samples(num: int, shape: dict, *, dtype: torch.dtype, seed: int = 0):
-    from trainer.data.batch import PackedSample
+    from trainer.data.batch import TrainSample
 
     g = torch.Generator().manual_seed(seed)
     n, h = shape["sample_len"], shape["hidden"]
     return [
-        PackedSample(
+        TrainSample(
             sample_id=i,
             token_ids=torch.randint(0, shape["vocab"], (n,), generator=g),
             loss_mask=torch.arange(n) >= n // 4,

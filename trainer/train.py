@@ -270,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = trainer.fit()
         finally:
-            if hasattr(source, "close"):
-                source.close("training finished")
+            source.close("training finished")
         logger.info("%s at global step %d", result.status, result.global_step)
         return 128 + result.signal if result.status == "interrupted" and result.signal else 0
     finally:

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from protocol.hsfile import write_hs_file
-from trainer.data.batch import PackedSample
+from trainer.data.batch import TrainSample
 
 
-def write_prepared_dataset(directory: str | Path, samples: list[PackedSample]) -> Path:
+def write_prepared_dataset(directory: str | Path, samples: list[TrainSample]) -> Path:
     """Rows in sample-id order (sample ids must be 0..n-1), plus token_freq.pt."""
     import datasets
 
@@ -38,7 +38,7 @@ def write_prepared_dataset(directory: str | Path, samples: list[PackedSample]) -
     return directory
 
 
-def write_hidden_state_files(directory: str | Path, samples: list[PackedSample]) -> Path:
+def write_hidden_state_files(directory: str | Path, samples: list[TrainSample]) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for s in samples:

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from producer.tiny_target import conversations
-from trainer.data.batch import PackedSample
+from trainer.data.batch import TrainSample
 
 
 def default_layer_ids(num_layers: int) -> list[int]:
@@ -21,7 +21,7 @@ def default_layer_ids(num_layers: int) -> list[int]:
 
 
 @torch.no_grad()
-def capture_samples(model_dir: str | Path, num: int, *, max_len: int = 64, seed: int = 0) -> list[PackedSample]:
+def capture_samples(model_dir: str | Path, num: int, *, max_len: int = 64, seed: int = 0) -> list[TrainSample]:
     """``num`` fixture conversations through the target: token ids, assistant loss mask and
     hidden states ``[T, 4, H]`` at the default capture ids, in the target's dtype."""
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -50,7 +50,7 @@ def capture_samples(model_dir: str | Path, num: int, *, max_len: int = 64, seed:
             captured.clear()
             model(input_ids=ids[None])
             states = torch.stack([captured[k][0] for k in layer_ids], dim=1)
-            samples.append(PackedSample(sample_id=i, token_ids=ids, loss_mask=mask, hidden_states=states))
+            samples.append(TrainSample(sample_id=i, token_ids=ids, loss_mask=mask, hidden_states=states))
     finally:
         for h in handles:
             h.remove()

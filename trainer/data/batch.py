@@ -20,8 +20,9 @@ from protocol.codec import FramedTensor
 
 
 @dataclasses.dataclass(kw_only=True)
-class PackedSample:
-    """One captured row, as it comes from a file or the wire."""
+class TrainSample:
+    """One sample as the trainer holds it: a captured row from a file or the wire (a packed
+    batch holds several)."""
 
     sample_id: int
     token_ids: torch.Tensor  # [T] int64
@@ -52,7 +53,7 @@ class PackedBatch:
         return PackedBatch(**moved, sample_ids=list(self.sample_ids))
 
 
-def pack(samples: Sequence[PackedSample], total_seq_len: int, *, pad_to: int | None = None) -> PackedBatch:
+def pack(samples: Sequence[TrainSample], total_seq_len: int, *, pad_to: int | None = None) -> PackedBatch:
     """Concatenate ``samples`` into one row; each is truncated to ``total_seq_len`` tokens, and the
     row must fit in ``total_seq_len`` (the batch plan guarantees it). ``pad_to`` pads the row to a
     fixed length (static shapes for compiled kernels)."""

@@ -28,7 +28,6 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
@@ -36,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 
 from protocol.hsfile import HIDDEN_STATES, HiddenStateFileError, hs_path, list_hs_indices, read_hs_file
 from protocol.dataset import PreparedDataset
-from trainer.data.batch import PackedBatch, PackedSample
+from trainer.data.batch import PackedBatch, TrainSample
 from trainer.data.plan import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -51,20 +50,33 @@ class TokenMismatchError(ValueError):
 
 @dataclasses.dataclass(kw_only=True)
 class FetchResult:
-    samples: list[PackedSample]  # in the order asked, skipped ones left out
+    samples: list[TrainSample]  # in the order asked, skipped ones left out
     skipped: list[int] = dataclasses.field(default_factory=list)
 
 
-class SampleSource(Protocol):
-    """What the training loop needs from wherever samples come from."""
+class SampleSource:
+    """What the training loop needs from wherever samples come from. ``fetch`` and ``lengths``
+    are the source's own; ``schedule``, ``snapshot`` and ``close`` matter to a streaming source
+    (it must know ahead what will be fetched, reports live figures, and owns sockets) and are
+    no-ops for sources that hold or read their samples."""
 
     def fetch(self, sample_ids: Sequence[int]) -> FetchResult:
         """The samples with these ids, in this order. May block until they are available."""
-        ...
+        raise NotImplementedError
 
     def lengths(self, sample_ids: Sequence[int]) -> list[int]:
         """Token counts of these samples (what the batch plan packs by), without loading them."""
-        ...
+        raise NotImplementedError
+
+    def schedule(self, epoch: int, sample_ids: Sequence[int]) -> None:
+        """This process will fetch these samples of ``epoch`` next, in this order."""
+
+    def snapshot(self) -> dict[str, float] | None:
+        """Live figures for the log line (rates, buffer fill, leases); None: nothing to report."""
+        return None
+
+    def close(self, reason: str = "training finished") -> None:
+        """Release what the source holds; idempotent."""
 
 
 def split_train_val(num_rows: int, *, val_ratio: float, seed: int) -> tuple[list[int], list[int]]:
@@ -80,7 +92,7 @@ def split_train_val(num_rows: int, *, val_ratio: float, seed: int) -> tuple[list
     return sorted(perm[num_val:]), sorted(perm[:num_val])
 
 
-class FileSampleSource:
+class FileSampleSource(SampleSource):
     """Samples from ``hs_{i}.safetensors`` files beside a prepared dataset."""
 
     def __init__(
@@ -131,7 +143,7 @@ class FileSampleSource:
             raise HiddenStateFileError(f"{path}: unreadable ({e})") from e
         return shape, _SAFETENSORS_DTYPES[dtype]
 
-    def load(self, sample_id: int) -> PackedSample:
+    def load(self, sample_id: int) -> TrainSample:
         """Read and check one sample; raises ``HiddenStateFileError`` or ``TokenMismatchError``."""
         input_ids, loss_mask = self.dataset.row(sample_id)
         path = hs_path(self.directory, sample_id)
@@ -146,7 +158,7 @@ class FileSampleSource:
                 f"{path}: token_ids differ from row {sample_id} of {self.dataset.path} ({detail}); "
                 "the files were made from another dataset or tokenizer"
             )
-        return PackedSample(sample_id=sample_id, token_ids=token_ids, loss_mask=loss_mask, hidden_states=hidden_states)
+        return TrainSample(sample_id=sample_id, token_ids=token_ids, loss_mask=loss_mask, hidden_states=hidden_states)
 
     def fetch(self, sample_ids: Sequence[int]) -> FetchResult:
         samples, skipped = [], []
@@ -164,10 +176,10 @@ class FileSampleSource:
         return FetchResult(samples=samples, skipped=skipped)
 
 
-class InMemorySampleSource:
+class InMemorySampleSource(SampleSource):
     """Samples held in memory, by id (tests, benchmarks)."""
 
-    def __init__(self, samples: Sequence[PackedSample]):
+    def __init__(self, samples: Sequence[TrainSample]):
         self._samples = {s.sample_id: s for s in samples}
 
     def lengths(self, sample_ids: Sequence[int]) -> list[int]:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Hashable, Sequence
 
 from trainer.stream.credit import CreditLedger
-from trainer.data.batch import PackedSample
+from trainer.data.batch import TrainSample
 
 
 class BufferTimeout(TimeoutError):
@@ -30,7 +30,7 @@ class ReplayBuffer:
 
     def __init__(self, budget_bytes: int):
         self.ledger = CreditLedger(budget_bytes)
-        self._samples: dict[Hashable, PackedSample] = {}
+        self._samples: dict[Hashable, TrainSample] = {}
         self._uses_left: dict[Hashable, int] = {}
         self._cond = threading.Condition()
         self.peak_bytes = 0
@@ -52,7 +52,7 @@ class ReplayBuffer:
             self._uses_left[key] = uses
         return True
 
-    def put(self, key: Hashable, sample: PackedSample) -> None:
+    def put(self, key: Hashable, sample: TrainSample) -> None:
         """Store an arrived sample whose room was reserved."""
         nbytes = sample_bytes(sample)
         with self._cond:
@@ -71,7 +71,7 @@ class ReplayBuffer:
         with self._cond:
             return [k for k in keys if k not in self._samples]
 
-    def take(self, keys: Sequence[Hashable], *, timeout: float | None = None, poll: float = 0.5, check=None) -> list[PackedSample]:
+    def take(self, keys: Sequence[Hashable], *, timeout: float | None = None, poll: float = 0.5, check=None) -> list[TrainSample]:
         """Block until every key is stored, then hand them out in order; a key on its last use is
         removed and its credit released. ``check()`` runs between waits (to surface IO errors)."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -105,5 +105,5 @@ class ReplayBuffer:
             self._cond.notify_all()
 
 
-def sample_bytes(sample: PackedSample) -> int:
+def sample_bytes(sample: TrainSample) -> int:
     return sum(t.numel() * t.element_size() for t in (sample.token_ids, sample.loss_mask, sample.hidden_states))

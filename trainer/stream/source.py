@@ -58,8 +58,8 @@ from protocol.messages import (
     Welcome,
 )
 from protocol.sockets import SocketConfig, make_socket, rank_endpoints, recv_frames, send_message
-from trainer.data.batch import PackedSample
-from trainer.data.sources import FetchResult
+from trainer.data.batch import TrainSample
+from trainer.data.sources import FetchResult, SampleSource
 from trainer.stream.leases import LeaseTable
 from trainer.stream.replay import BufferTimeout, ReplayBuffer
 
@@ -147,7 +147,7 @@ def _drain(sock: zmq.Socket, handle: Callable[[list], None], limit: int = 64) ->
         handle(frames)
 
 
-class _Nonfinite(PackedSample):
+class _Nonfinite(TrainSample):
     """Tombstone stored for a sample whose hidden states held NaN/Inf (with --skip-nonfinite): it
     occupies no bytes and ``fetch`` reports its id as skipped."""
 
@@ -156,7 +156,7 @@ class _Nonfinite(PackedSample):
         super().__init__(sample_id=sample_id, token_ids=empty, loss_mask=empty, hidden_states=empty)
 
 
-class StreamSampleSource:
+class StreamSampleSource(SampleSource):
     """A ``trainer.data.sources.SampleSource`` fed by producers over ZeroMQ. Start it, ``schedule`` each
     epoch's needs, ``fetch`` per step, ``close`` at the end."""
 
@@ -465,7 +465,7 @@ class StreamSampleSource:
             self.stats["nonfinite"] += 1
             self.buffer.put(key, _Nonfinite(message.sample_id))
             return
-        sample = PackedSample(
+        sample = TrainSample(
             sample_id=message.sample_id,
             token_ids=message.token_ids,
             loss_mask=message.loss_mask.to(torch.bool),

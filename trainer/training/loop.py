@@ -396,9 +396,8 @@ class Trainer:
         w["wall"] += r.wall_s
         w["samples"] += r.num_samples
         figures = {"data_wait_s": r.data_wait_s, "stall_pct": 100.0 * w["wait"] / w["wall"] if w["wall"] > 0 else 0.0}
-        snapshot = getattr(self.train_source, "snapshot", None)
-        if snapshot is not None:
-            snap = snapshot()
+        snap = self.train_source.snapshot()
+        if snap is not None:
             dt = w["wall"] or 1e-9
             figures.update(
                 samples_in_per_s=(snap["samples_in"] - w["samples_in"]) / dt,
@@ -544,8 +543,7 @@ class Trainer:
         """A streaming source learns, in fetch order, what this process will fetch in ``epoch``:
         training from the cursor, then validation, which runs for every epoch the loop enters. A
         later epoch is entered only if --max-steps leaves it steps, so the schedule is exact."""
-        schedule = getattr(self.train_source, "schedule", None)
-        if schedule is None or epoch >= self.config.epochs or epoch in self._scheduled:
+        if epoch >= self.config.epochs or epoch in self._scheduled:
             return
         self._scheduled.add(epoch)
         plan = self.plans[epoch]
@@ -560,7 +558,7 @@ class Trainer:
         ids = [sid for step in range(start, end) for lr in self.logical_ranks for sid in plan.batches_for(lr, step)]
         if self.val_plan is not None and self.val_source is self.train_source:
             ids += [sid for step in range(self.val_plan.num_steps) for sid in self.val_plan.batches_for(self.env.rank, step)]
-        schedule(epoch, ids)
+        self.train_source.schedule(epoch, ids)
 
     def fit(self) -> FitResult:
         cfg = self.config

@@ -10,7 +10,7 @@ import torch
 
 from protocol.hsfile import HiddenStateFileError, hs_path, write_hs_file
 from tests.trainer.offline_data import write_hidden_state_files, write_prepared_dataset
-from trainer.data.batch import PackedSample, pack
+from trainer.data.batch import TrainSample, pack
 from trainer.data.sources import (
     FileSampleSource,
     InMemorySampleSource,
@@ -27,7 +27,7 @@ def _samples(num=6, layers=4, hidden=8, dtype=torch.bfloat16):
     for i in range(num):
         n = 5 + 3 * i
         out.append(
-            PackedSample(
+            TrainSample(
                 sample_id=i,
                 token_ids=torch.randint(0, 100, (n,), generator=g),
                 loss_mask=torch.arange(n) >= 2,
@@ -201,11 +201,11 @@ def test_pack_copies_framed_samples_like_plain_ones_including_truncation():
 
     g = torch.Generator().manual_seed(0)
     plain = [
-        PackedSample(sample_id=i, token_ids=torch.arange(n), loss_mask=torch.ones(n, dtype=torch.bool), hidden_states=torch.randn(n, 3, 8, generator=g))
+        TrainSample(sample_id=i, token_ids=torch.arange(n), loss_mask=torch.ones(n, dtype=torch.bool), hidden_states=torch.randn(n, 3, 8, generator=g))
         for i, n in enumerate([10, 7, 30])
     ]
     framed = [
-        PackedSample(
+        TrainSample(
             sample_id=s.sample_id, token_ids=s.token_ids, loss_mask=s.loss_mask,
             hidden_states=FramedTensor(list(s.hidden_states.reshape(-1).split(13)), s.hidden_states.shape),
         )

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.data.batch import PackedSample, pack
+from trainer.data.batch import TrainSample, pack
 from trainer.models.config import DraftConfig
 from trainer.models.export import build_draft, load_draft, save_draft
 from trainer.eval.evaluate import conversation_prompts, csv_columns, main
@@ -86,7 +86,7 @@ def captured(sharp_target, hf_target, prompts, greedy):
         for i, (p, g) in enumerate(zip(prompts, greedy))
     ]
     samples = [
-        PackedSample(sample_id=s.sample_id, token_ids=s.token_ids, loss_mask=s.loss_mask.bool(), hidden_states=s.hidden_states.clone())
+        TrainSample(sample_id=s.sample_id, token_ids=s.token_ids, loss_mask=s.loss_mask.bool(), hidden_states=s.hidden_states.clone())
         for s in capture.capture(rows)
     ]
     capture.close()
@@ -206,7 +206,7 @@ def test_eagle3_proposals_agree_with_the_training_forward(checkpoints, hf_target
                     mask = torch.zeros(n + s, dtype=torch.bool)
                     mask[n - 1 :] = True
                     tokens, states = sample.token_ids[: n + s], sample.hidden_states[: n + s]
-                    cut = PackedSample(sample_id=0, token_ids=tokens, loss_mask=mask, hidden_states=states)
+                    cut = TrainSample(sample_id=0, token_ids=tokens, loss_mask=mask, hidden_states=states)
                     with torch.no_grad():
                         if float(draft(pack([cut], 4096)).metrics[f"full_acc_{s}"]) != 1.0:
                             break

@@ -16,7 +16,7 @@ import torch
 
 from tests.trainer.tiny_capture import capture_samples
 from trainer.models.attention import AttentionMask, attend, cod_mask_mod, ttt_mask_mod
-from trainer.data.batch import PackedBatch, PackedSample, pack
+from trainer.data.batch import PackedBatch, TrainSample, pack
 from trainer.models.base import flatten_rows, shift_left
 from trainer.models.config import DraftConfig
 from trainer.models.export import build_draft
@@ -129,7 +129,7 @@ def test_eagle3_outputs_do_not_depend_on_later_tokens(tiny_llama, llama_samples)
     model = build_draft(_config(tiny_llama, "eagle3", ttt_steps=1), None)
     sample = llama_samples[1]
     cut = sample.token_ids.shape[0] - 6
-    head = PackedSample(sample_id=0, token_ids=sample.token_ids[:cut], loss_mask=sample.loss_mask[:cut], hidden_states=sample.hidden_states[:cut])
+    head = TrainSample(sample_id=0, token_ids=sample.token_ids[:cut], loss_mask=sample.loss_mask[:cut], hidden_states=sample.hidden_states[:cut])
     changed = dataclasses.replace(sample, token_ids=sample.token_ids.clone(), hidden_states=sample.hidden_states.clone())
     changed.token_ids[cut:] = 7
     changed.hidden_states[cut:] += 1.0

@@ -14,7 +14,7 @@ import torch
 
 from trainer.training import checkpoint as ckpt
 from trainer.training.accounting import read_accounting, trained_counts
-from trainer.data.sources import InMemorySampleSource
+from trainer.data.sources import InMemorySampleSource, SampleSource
 from trainer.training.distributed import DistEnv
 from trainer.models.config import DraftConfig
 from trainer.models.export import build_draft, load_draft, save_draft
@@ -134,7 +134,7 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(tiny_llama, capture
     inner = trainer.train_source
     calls = []
 
-    class Signalling:
+    class Signalling(SampleSource):
         def lengths(self, ids):
             return inner.lengths(ids)
 
