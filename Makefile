@@ -1,6 +1,7 @@
 # Two commands do all setup on a fresh machine:
 #   make demo   build a tiny local target and run the main job end to end on CPU
-#   make test   run the test suite (what CI runs)
+#   make test   lint, then the whole test suite (what CI runs)
+# Inner loop: make test-fast (the non-slow lane, about a minute) and make format.
 # Both create or refresh .venv. On a machine without CUDA, torch is installed first from
 # TORCH_SPEC (the CPU wheel here), so nothing pulls CUDA packages.
 
@@ -21,7 +22,7 @@ VLLM_SPEC  ?= vllm==0.33.0
 VLLM_RELAX ?= certifi
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install demo test test-all test-vllm bench-transport clean
+.PHONY: install demo test test-fast lint format test-vllm bench-transport clean
 
 install: $(STAMP)
 
@@ -39,8 +40,20 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	DRAFTSTREAM=$(VENV)/bin/draftstream bash examples/demo.sh $(DEMO_OUT)
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest
+
+# Everything but the multi-process `slow` tests: the inner loop while editing.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m 'not slow and not vllm and not gpu'
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 # vLLM's requirement list (floors in VLLM_RELAX dropped), then the wheel with --no-deps, then
 # draftstream beside it (--no-deps: vLLM brings torch and transformers) and the test tools.

@@ -53,8 +53,8 @@ def _sync(device: torch.device) -> None:
 
 
 def run(args: argparse.Namespace, model_path: str) -> dict:
-    from producer.backend import CaptureRow
-    from producer.capture import CaptureConfig, HFCapture, collate, plan_batches
+    from producer.backend import CaptureRow, plan_batches
+    from producer.capture import CaptureConfig, HFCapture, collate
 
     config = CaptureConfig(model=model_path, dtype=args.dtype, device=args.device, max_batch_tokens=args.max_batch_tokens)
     probe = HFCapture(config)  # loads the model once; the bare forward shares it
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace, model_path: str) -> dict:
         "device": str(device),
         "dtype": info.dtype,
         "hidden_size": info.hidden_size,
-        "num_layers": info.num_layers,
+        "num_layers": probe.num_layers,
         "layer_ids": info.layer_ids,
         "num_rows": args.num_rows,
         "num_tokens": num_tokens,

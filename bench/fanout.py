@@ -8,7 +8,8 @@ trainer ranks fed by one producer, and with the number of producers feeding one 
 
 Every run streams over ZeroMQ on loopback (``--stream-endpoint tcp://127.0.0.1:<free port>``), on
 the tiny local target of ``draftstream make-tiny-target`` (Llama, hidden 64, 8 layers, fp32,
-random weights) and its conversations prepared at --seq-length 512 (``bench.pipeline``'s setup),
+random weights) and its conversations prepared at --seq-length 512 (``bench.runs``, shared with
+``bench.pipeline``),
 training an Eagle-3 draft (draft vocab 256) with --total-seq-len 1024, every child with
 OMP_NUM_THREADS=1. The point R=1, P=1 is run once and shared by both curves.
 
@@ -41,7 +42,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.pipeline import DRAFT_VOCAB, _cli, prepare_inputs, run_group
+from bench.runs import DRAFT_VOCAB, cli, prepare_inputs, pyplot, read_train_log, run_group, save_figure
 
 TOTAL_SEQ_LEN = 1024
 
@@ -61,8 +62,7 @@ def steady_figures(save: Path) -> dict:
     """Samples trained (all ranks) and rank 0's step wall over every step but the run's first."""
     from trainer.training.accounting import read_accounting
 
-    records = [json.loads(line) for line in (save / "train_log.jsonl").read_text().splitlines() if line.strip()]
-    steps = [r for r in records if r.get("kind") == "train"]
+    _, steps = read_train_log(save / "train_log.jsonl")
     if len(steps) < 2:
         raise RuntimeError(f"{save}: fewer than 2 training steps logged; make the job longer")
     if not all("step_wall_s" in r for r in steps):
@@ -83,7 +83,7 @@ def steady_figures(save: Path) -> dict:
 def run_point(model: Path, data: Path, work: Path, *, producers: int, ranks: int, epochs: int) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     save = work / "save"
-    cmd = _cli("run", "--model", str(model), "--data", str(data), "--save-path", str(save), "--num-producers",
+    cmd = cli("run", "--model", str(model), "--data", str(data), "--save-path", str(save), "--num-producers",
                str(producers), "--nproc-per-node", str(ranks), "--stream-endpoint", f"tcp://127.0.0.1:{_free_port()}",
                "--", *train_flags(epochs))  # fmt: skip
     group = run_group({"run": cmd}, work / "logs", watch=save / "train_log.jsonl")
@@ -115,13 +115,9 @@ def print_table(result: dict) -> None:
 
 
 def plot(result: dict, out: Path) -> Path | None:
-    try:
-        import matplotlib
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for series, key, label in (("ranks", "ranks", "1 producer -> R trainer ranks"),
                                ("producers", "producers", "P producers -> 1 trainer rank")):  # fmt: skip
@@ -136,10 +132,7 @@ def plot(result: dict, out: Path) -> Path | None:
     ax.legend()
     ax.set_title(f"draftstream fan-out on loopback, tiny target, {os.cpu_count()} vCPUs (contention, not GPU scaling)",
                  fontsize=9)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def build_parser() -> argparse.ArgumentParser:

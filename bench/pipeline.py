@@ -9,8 +9,10 @@ no more than its slowest stage and writes no hidden states to disk.
                          then draftstream train --hidden-states-path DIR <same train flags>
     (c) producer alone   P worker processes run producer.capture.HFCapture (+ the codec's encode)
                          over exactly the (epoch, row) keys (a) grants, in its grant order
+                         (trainer.data.order)
     (d) trainer alone    `draftstream train` on (b)'s files, preloaded into an
                          InMemorySampleSource before training: no producer, no file reads
+    (c) and (d) are ``bench.pipeline_workers``; setup and process runs are ``bench.runs``.
 
 Regime: this 2-vCPU CPU machine, every child with OMP_NUM_THREADS=1, one trainer rank; the tiny
 local target of ``draftstream make-tiny-target`` (Llama, hidden 64, 8 layers, fp32, random
@@ -58,7 +60,6 @@ children's imports. With ``--out DIR`` artifacts are kept and a PNG of the last 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -66,56 +67,22 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench.processes import GroupRun, cpu_capacity, run_processes
+from bench import pipeline_workers as workers
+from bench.processes import GroupRun, cpu_capacity
+from bench.runs import DRAFT_VOCAB, SEQ_LENGTH, cli, last_json, prepare_inputs, pyplot, read_train_log, save_figure
+from bench.runs import run_group as _run_group
 
 MODES = ("streaming", "offline", "producer_alone", "trainer_alone")
 TARGET_RATIO = 1.1
 TARGET_STALL_PCT = 3.0
-SEQ_LENGTH = 512  # draftstream prepare --seq-length
-DRAFT_VOCAB = 256
 SEED = 42
 VAL_RATIO = 0.1
-CAPTURE_BATCH_TOKENS = 8192  # draftstream produce --max-batch-tokens default
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "protocol.cli", *args]
-
-
-def _worker(*args: str) -> list[str]:
-    return [sys.executable, "-m", "bench.pipeline", *args]
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1")  # fmt: skip
-    return env
-
-
-def _label(argv: list[str]) -> str | None:
-    """Names for this benchmark's own worker processes (``bench.processes`` names the rest)."""
-    if "bench.pipeline" in argv:
-        if "_capture-worker" in argv:
-            i = argv.index("--rank") if "--rank" in argv else -1
-            return f"capture-{argv[i + 1] if i >= 0 else 0}"
-        if "_memtrain-worker" in argv:
-            return "trainer"
-    return None
 
 
 def run_group(commands: dict[str, list[str]], log_dir: Path, *, watch: Path | None = None) -> GroupRun:
-    return run_processes(commands, log_dir, env=_child_env(), watch=watch, label=_label)
-
-
-def _last_json(path: Path) -> dict:
-    for line in reversed(path.read_text(errors="replace").splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise RuntimeError(f"no JSON line in {path}")
+    return _run_group(commands, log_dir, watch=watch, label=workers.label)
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,8 +96,7 @@ def trainer_figures(train_log: Path, group: GroupRun) -> dict:
     imports, model build, and in streaming the producers' start too), ``train_span_s`` from the
     first step's line to the last's (epoch-end validation and checkpoints included), ``tail_s``
     from there to the end (the last validation and checkpoint, process exits)."""
-    records = [json.loads(line) for line in train_log.read_text().splitlines() if line.strip()]
-    steps = [r for r in records if r.get("kind") == "train"]
+    records, steps = read_train_log(train_log)
     if not steps:
         raise RuntimeError(f"{train_log}: no training steps logged")
     at = [t for t, r in zip(group.line_times_s, records, strict=False) if r.get("kind") == "train"]
@@ -202,7 +168,7 @@ def _processes(*groups: GroupRun) -> dict[str, dict[str, float]]:
 
 def run_streaming(job: Job, work: Path) -> dict:
     save, ipc = work / "save", work / "ipc"
-    cmd = _cli("run", "--model", str(job.model), "--data", str(job.data), "--save-path", str(save), "--num-producers",
+    cmd = cli("run", "--model", str(job.model), "--data", str(job.data), "--save-path", str(save), "--num-producers",
                str(job.num_producers), "--stream-endpoint", f"ipc://{ipc}", "--", *job.train_flags())  # fmt: skip
     group = run_group({"run": cmd}, work / "logs", watch=save / "train_log.jsonl")
     return {"wall_s": group.wall_s, **trainer_figures(save / "train_log.jsonl", group), "hs_bytes": hs_bytes(save, ipc),
@@ -212,12 +178,12 @@ def run_streaming(job: Job, work: Path) -> dict:
 def run_offline(job: Job, work: Path) -> dict:
     spill, save = work / "hidden_states", work / "save"
     produce = {
-        f"produce-{r}": _cli("produce", "--model", str(job.model), "--data", str(job.data), "--spill", str(spill),
+        f"produce-{r}": cli("produce", "--model", str(job.model), "--data", str(job.data), "--spill", str(spill),
                              "--world-size", str(job.num_producers), "--rank", str(r))
         for r in range(job.num_producers)
     }  # fmt: skip
     produced = run_group(produce, work / "logs")
-    train = _cli("train", "--verifier-name-or-path", str(job.model), "--data-path", str(job.data),
+    train = cli("train", "--verifier-name-or-path", str(job.model), "--data-path", str(job.data),
                  "--hidden-states-path", str(spill), "--save-path", str(save), *job.train_flags())  # fmt: skip
     trained = run_group({"train": train}, work / "logs", watch=save / "train_log.jsonl")
     return {"wall_s": produced.wall_s + trained.wall_s, "produce_wall_s": produced.wall_s, "train_wall_s": trained.wall_s,
@@ -227,13 +193,13 @@ def run_offline(job: Job, work: Path) -> dict:
 
 
 def run_producer_alone(job: Job, work: Path) -> dict:
-    workers = {
-        f"capture-{r}": _worker("_capture-worker", "--model", str(job.model), "--data", str(job.data), "--keys",
+    commands = {
+        f"capture-{r}": workers.command("capture", "--model", str(job.model), "--data", str(job.data), "--keys",
                                 str(job.keys_file), "--rank", str(r), "--num-workers", str(job.num_producers))
         for r in range(job.num_producers)
     }  # fmt: skip
-    group = run_group(workers, work / "logs")
-    reports = [_last_json(group.logs[name]) for name in workers]
+    group = run_group(commands, work / "logs")
+    reports = [last_json(group.logs[name]) for name in commands]
     return {"wall_s": group.wall_s, "steady_s": max(r["capture_s"] for r in reports),
             "capture_s_sum": sum(r["capture_s"] for r in reports), "rows": sum(r["rows"] for r in reports),
             "tokens": sum(r["tokens"] for r in reports), "hs_bytes": 0, "other_bytes": 0,
@@ -242,116 +208,17 @@ def run_producer_alone(job: Job, work: Path) -> dict:
 
 def run_trainer_alone(job: Job, work: Path, spill: Path) -> dict:
     save = work / "save"
-    cmd = _worker("_memtrain-worker", "--verifier-name-or-path", str(job.model), "--data-path", str(job.data),
+    cmd = workers.command("memtrain", "--verifier-name-or-path", str(job.model), "--data-path", str(job.data),
                   "--hidden-states-path", str(spill), "--save-path", str(save), *job.train_flags())  # fmt: skip
     group = run_group({"train": cmd}, work / "logs", watch=save / "train_log.jsonl")
-    report = _last_json(group.logs["train"])
+    report = last_json(group.logs["train"])
     return {"wall_s": group.wall_s, **trainer_figures(save / "train_log.jsonl", group), "hs_bytes": 0,
             "other_bytes": tree_bytes(save), "preload_s": report["preload_s"], "preloaded_samples": report["samples"],
             "processes": _processes(group), "other_cpu_s": group.other_cpu_s}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
-# Worker processes (started by the modes above)
-
-
-def _capture_worker(argv: list[str]) -> int:
-    """Producer alone: HFCapture (+ encode, as the streaming producer does before sending) over this
-    worker's share of the grant order, in batches of at most one producer's open leases."""
-    p = argparse.ArgumentParser(prog="bench.pipeline _capture-worker")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--keys", required=True)
-    p.add_argument("--rank", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=1)
-    args = p.parse_args(argv)
-    import datasets
-
-    from producer.backend import CaptureRow
-    from producer.capture import CaptureConfig, HFCapture
-    from protocol.codec import encode
-    from trainer.stream.source import StreamConfig
-
-    defaults = {f.name: f.default for f in dataclasses.fields(StreamConfig)}
-    per_lease, open_leases = defaults["samples_per_lease"], defaults["leases_per_producer"]
-    keys = [tuple(k) for k in json.loads(Path(args.keys).read_text())]
-    # Leases go to whichever producer has room; round-robin over lease-sized chunks is the even split.
-    leases = [keys[i : i + per_lease] for i in range(0, len(keys), per_lease)][args.rank :: args.num_workers]
-    mine = [k for lease in leases for k in lease]
-    dataset = datasets.load_from_disk(args.data)
-    dataset.set_format("torch", columns=["input_ids", "loss_mask"])
-    backend = HFCapture(CaptureConfig(model=args.model, max_batch_tokens=CAPTURE_BATCH_TOKENS))
-    rows = tokens = nbytes = 0
-    batch = per_lease * open_leases  # the streaming producer captures its queued leases together
-    start = time.perf_counter()
-    for i in range(0, len(mine), batch):
-        chunk = mine[i : i + batch]
-        capture_rows = []
-        for _, sid in chunk:
-            item = dataset[sid]  # as the streaming producer looks rows up
-            capture_rows.append(CaptureRow(sid, item["input_ids"], item["loss_mask"]))
-        for sample in backend.capture(capture_rows, epoch=chunk[0][0]):
-            frames = encode(sample)
-            rows += 1
-            tokens += int(sample.token_ids.shape[0])
-            nbytes += sum(len(memoryview(f)) for f in frames)
-    capture_s = time.perf_counter() - start
-    backend.close()
-    print(json.dumps({"rank": args.rank, "rows": rows, "tokens": tokens, "bytes": nbytes, "capture_s": capture_s}))
-    return 0
-
-
-def _memtrain_worker(argv: list[str]) -> int:
-    """Trainer alone: ``draftstream train`` unchanged, except that its file source reads every
-    hidden-state file into an ``InMemorySampleSource`` once, before training, and serves from it."""
-    import trainer.data.sources as data
-    from protocol.hsfile import list_hs_indices
-    from trainer import train
-
-    report: dict = {}
-
-    class PreloadedFileSource(data.FileSampleSource):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            start = time.perf_counter()
-            ids = list_hs_indices(self.directory)
-            self.memory = data.InMemorySampleSource([self.load(i) for i in ids])
-            report.update(samples=len(ids), preload_s=time.perf_counter() - start)
-
-        def fetch(self, sample_ids):
-            return self.memory.fetch(sample_ids)
-
-    # trainer.train imports the class from trainer.data.sources when main() runs, so this swap reaches it.
-    data.FileSampleSource = PreloadedFileSource
-    code = train.main(argv)
-    if not report:
-        raise RuntimeError("trainer.train did not build its source through trainer.data.sources.FileSampleSource; "
-                           "bench.pipeline's trainer-alone mode needs updating")  # fmt: skip
-    print(json.dumps({**report, "exit_code": code}))
-    return int(code or 0)
-
-
-# --------------------------------------------------------------------------------------------
 # Setup, report
-
-
-def prepare_inputs(root: Path, num_conversations: int) -> tuple[Path, Path]:
-    """Tiny target + prepared data with the package's own commands (not timed). They run in this
-    process, through the ``draftstream`` dispatcher: one transformers import instead of two."""
-    from protocol.cli import main as draftstream
-
-    (root / "logs").mkdir(parents=True, exist_ok=True)
-    target, prepared = root / "target", root / "prepared"
-    commands = [
-        ["make-tiny-target", "--out", str(target), "--num-conversations", str(num_conversations)],
-        ["prepare", "--model", str(target / "model"), "--data", str(target / "conversations.jsonl"), "--output",
-         str(prepared), "--seq-length", str(SEQ_LENGTH)],
-    ]  # fmt: skip
-    with open(root / "logs" / "setup.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        for command in commands:
-            if draftstream(command) != 0:
-                raise RuntimeError(f"bench pipeline setup: `draftstream {' '.join(command)}` failed; see {log.name}")
-    return target / "model", prepared
 
 
 def probe_capacity(*, attempts: int, quick: bool) -> dict:
@@ -371,8 +238,9 @@ def probe_capacity(*, attempts: int, quick: bool) -> dict:
 def grant_order(data: Path, *, epochs: int, total_seq_len: int) -> list[tuple[int, int]]:
     """(epoch, sample id) in the order a 1-rank streaming trainer schedules them: each epoch's
     training plan, then the validation plan (validation runs, and is streamed, every epoch)."""
-    from trainer.data.sources import PreparedDataset, split_train_val
+    from trainer.data.order import fetch_order
     from trainer.data.plan import BatchPlan
+    from trainer.data.sources import PreparedDataset, split_train_val
 
     dataset = PreparedDataset(data)
     train_ids, val_ids = split_train_val(len(dataset), val_ratio=VAL_RATIO, seed=SEED)
@@ -382,7 +250,7 @@ def grant_order(data: Path, *, epochs: int, total_seq_len: int) -> list[tuple[in
     for epoch in range(epochs):
         plan = BatchPlan.build(sample_ids=train_ids, lengths=dataset.lengths(train_ids), seed=SEED, epoch=epoch,
                                world_size=1, total_seq_len=total_seq_len)  # fmt: skip
-        keys += [(epoch, sid) for sid in plan.sample_ids_for(0)] + [(epoch, sid) for sid in val.sample_ids_for(0)]
+        keys += [(epoch, sid) for sid in fetch_order(plan, [0], val_plan=val)]
     return keys
 
 
@@ -491,18 +359,13 @@ def print_report(result: dict) -> None:
 
 def plot_streaming(train_log: Path, out: Path) -> Path | None:
     """Samples/s in and out, buffer fill and stall per step of the streaming run, if logged."""
-    records = [json.loads(line) for line in train_log.read_text().splitlines() if line.strip()]
-    steps = [r for r in records if r.get("kind") == "train"]
+    _, steps = read_train_log(train_log)
     needed = ("step_wall_s", "data_wait_s", "samples_in_per_s", "samples_out_per_s", "buffer_fill")
     if not steps or not all(k in r for r in steps for k in needed):
         return None
-    try:
-        import matplotlib
-    except ImportError:  # the [plot] extra
+    plt = pyplot()
+    if plt is None:
         return None
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     t, clock = [], 0.0
     for r in steps:
@@ -523,10 +386,7 @@ def plot_streaming(train_log: Path, out: Path) -> Path | None:
             for ax in (top, bottom):
                 ax.axvline(t[i - 1], color="grey", linestyle=":", linewidth=1)
     fig.suptitle("draftstream streaming run (epoch boundaries dotted)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,12 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["_capture-worker"]:
-        return _capture_worker(argv[1:])
-    if argv[:1] == ["_memtrain-worker"]:
-        return _memtrain_worker(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     epochs = args.epochs or (1 if args.quick else 3)
     num_conversations = args.num_conversations or (24 if args.quick else 128)
     total_seq_len = args.total_seq_len or (512 if args.quick else 1024)

@@ -81,10 +81,10 @@ def random_samples(num: int, shape: dict, *, dtype: torch.dtype, seed: int = 0):
 
 def measure(algorithm: str, shape: dict, verifier: Path, *, device: str, steps: int, warmup: int, save: Path) -> dict:
     from trainer.data.sources import InMemorySampleSource
-    from trainer.training.distributed import DistEnv, resolve_device
     from trainer.models.config import DraftConfig
     from trainer.models.export import build_draft, save_draft
     from trainer.training.config import LoopConfig
+    from trainer.training.distributed import DistEnv, resolve_device
     from trainer.training.loop import Trainer, make_filler_batch
 
     dev = resolve_device(device)

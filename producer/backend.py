@@ -1,46 +1,31 @@
 """What every target-model backend offers the producer loop, whichever engine runs the target.
 
 A backend takes prepared rows (``CaptureRow``: row index, token ids, loss mask) and yields one
-``protocol.messages.Sample`` per row, holding the residual stream at the configured layer ids.
-``TargetInfo`` describes the target for the ``Hello`` handshake and for checks on spill files.
-
-Layer-id semantics are vLLM's ``extract_hidden_states``: id ``k`` is the residual stream entering
-decoder layer ``k`` (id 0 = embedding output), id ``N`` is the last decoder layer's output before
-the final norm. The default ``[2, N//2, N-3, N]`` is three auxiliary layers plus the last.
+``protocol.messages.Sample`` per row, holding the residual stream at the configured layer ids
+(``protocol.target.capture_layer_ids``). ``describe()`` returns the ``protocol.target.TargetSpec``
+the producer announces in its ``Hello`` and checks spill files against.
 
 The Hugging Face backend (``producer.capture.HFCapture``) is a ``CaptureBackend``: the producer
 holds the tensors and sends them. The vLLM backend (``producer.vllm.backend.VLLMBackend``) is a
 ``PushingBackend``: the engine's KV connector holds the tensors, so the producer only submits rows
 with a destination (``PushJob``), and the connector pushes each sample to it (a trainer rank's data
-endpoint, or ``file:///DIR`` for spill) and reports the outcome (``DeliveryReport``).
+endpoint, or ``file:///DIR`` for spill) and reports the outcome (``protocol.messages.Delivered``).
+
+Both batch rows with ``plan_batches``: Hugging Face pads a batch to its longest row, vLLM packs
+rows without padding.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-from protocol.messages import Sample
+from protocol.messages import Delivered, Sample
+from protocol.target import TargetSpec
 
-
-def default_layer_ids(num_layers: int) -> list[int]:
-    """``[2, N//2, N-3, N]``: the three auxiliary ids EAGLE-3 uses, then the last layer."""
-    return [2, num_layers // 2, num_layers - 3, num_layers]
-
-
-def check_layer_ids(layer_ids: list[int], num_layers: int) -> None:
-    """Ids must lie in ``[0, N]``; they are captured in the order given (aux..., last)."""
-    if not layer_ids:
-        raise ValueError("--target-layer-ids must name at least one layer")
-    bad = [k for k in layer_ids if not 0 <= k <= num_layers]
-    if bad:
-        raise ValueError(
-            f"--target-layer-ids {bad} out of range: the target has {num_layers} decoder layers, "
-            f"so ids go from 0 (embeddings) to {num_layers} (last layer output, before the final norm)"
-        )
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")  # --dtype of every backend; auto: the checkpoint's
 
 
 class CaptureRow(NamedTuple):
@@ -51,22 +36,29 @@ class CaptureRow(NamedTuple):
     loss_mask: torch.Tensor  # [T] 0/1
 
 
-@dataclasses.dataclass(kw_only=True, frozen=True)
-class TargetInfo:
-    """What a producer announces about its target (the ``Hello`` fields, plus the layer count)."""
-
-    target_model: str
-    layer_ids: list[int]
-    hidden_size: int
-    dtype: str
-    vocab_size: int
-    num_layers: int
+def plan_batches(rows: Iterable[CaptureRow], max_batch_tokens: int, *, padded: bool = True) -> Iterator[list[CaptureRow]]:
+    """Greedy, order-preserving batches within ``max_batch_tokens``. ``padded``: a batch costs
+    ``rows x longest row`` (right padding); else its real tokens (packed without padding). A row
+    longer than the budget forms a batch of its own."""
+    batch: list[CaptureRow] = []
+    longest = tokens = 0
+    for row in rows:
+        length = row.input_ids.shape[0]
+        cost = (len(batch) + 1) * max(longest, length) if padded else tokens + length
+        if batch and cost > max_batch_tokens:
+            yield batch
+            batch, longest, tokens = [], 0, 0
+        batch.append(row)
+        longest = max(longest, length)
+        tokens += length
+    if batch:
+        yield batch
 
 
 class CaptureBackend(Protocol):
     """Runs the target over rows and yields their hidden states, one ``Sample`` per row."""
 
-    def describe(self) -> TargetInfo: ...
+    def describe(self) -> TargetSpec: ...
 
     def capture(self, rows: Iterable[CaptureRow], *, epoch: int = 0, lease_id: int = 0) -> Iterator[Sample]: ...
 
@@ -84,33 +76,24 @@ class PushJob(NamedTuple):
 
 class PushResult(NamedTuple):
     """The engine has run ``job`` (``error`` == "") and its sample is on its way, identified by
-    ``ticket`` in later ``DeliveryReport``s; or it failed and nothing will be sent."""
+    ``ticket`` in later ``Delivered`` reports; or it failed and nothing will be sent."""
 
     job: PushJob
     ticket: int
     error: str = ""
 
 
-class DeliveryReport(NamedTuple):
-    """The connector delivered (``ok``) or gave up on the sample of ``ticket``."""
-
-    ticket: int
-    sample_id: int
-    ok: bool
-    reason: str = ""
-
-
 @runtime_checkable
 class PushingBackend(Protocol):
     """A backend whose engine sends the samples itself (vLLM's KV connector)."""
 
-    def describe(self) -> TargetInfo: ...
+    def describe(self) -> TargetSpec: ...
 
     def submit(self, jobs: list[PushJob]) -> list[PushResult]:
         """Run the rows' prefills; one result per job, in order. Returns once the engine is done
         with them; delivery follows asynchronously and is reported by ``poll_reports``."""
         ...
 
-    def poll_reports(self, timeout_seconds: float = 0.0) -> list[DeliveryReport]: ...
+    def poll_reports(self, timeout_seconds: float = 0.0) -> list[Delivered]: ...
 
     def close(self) -> None: ...

@@ -6,7 +6,8 @@ id 0 is the embedding output), id ``N`` is layer ``N-1``'s output (a forward hoo
 final norm. ``output_hidden_states`` is not used: its last entry is taken after the final norm.
 Only the decoder runs (no lm_head): capture needs no logits.
 
-Rows are packed greedily, in order, into batches of at most ``max_batch_tokens`` padded tokens.
+Rows are packed greedily, in order, into batches of at most ``max_batch_tokens`` padded tokens
+(``producer.backend.plan_batches``).
 Padding goes on the right with an attention mask: a real token never attends to a later position,
 so padding cannot leak into a row, and each row's tensors equal a capture of that row alone
 (within dtype tolerance). On CUDA, each batch's rows are copied into pinned host memory on a
@@ -24,18 +25,19 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from producer.backend import CaptureRow, TargetInfo, check_layer_ids, default_layer_ids
+from producer.backend import DTYPE_CHOICES, CaptureRow, plan_batches
 from protocol.codec import DTYPE_NAMES
 from protocol.layer_capture import ResidualCapture
 from protocol.messages import Sample
+from protocol.target import TargetSpec, capture_layer_ids
 
-DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclasses.dataclass(kw_only=True)
 class CaptureConfig:
-    """How to load the target and batch rows. ``layer_ids=None`` means ``[2, N//2, N-3, N]``."""
+    """How to load the target and batch rows. ``layer_ids=None`` means ``[2, N//2, N-3, N]``
+    (``protocol.target.capture_layer_ids``)."""
 
     model: str
     dtype: str = "auto"
@@ -66,22 +68,6 @@ class _Staged:
     rows: list[CaptureRow]
     hidden_rows: list[torch.Tensor]  # [T, L, H] each
     ready: torch.cuda.Event | None
-
-
-def plan_batches(rows: Iterable[CaptureRow], max_batch_tokens: int) -> Iterator[list[CaptureRow]]:
-    """Greedy, order-preserving: a batch grows while ``rows x longest`` stays within the budget.
-    A row longer than the budget forms a batch of its own."""
-    batch: list[CaptureRow] = []
-    longest = 0
-    for row in rows:
-        length = row.input_ids.shape[0]
-        if batch and (len(batch) + 1) * max(longest, length) > max_batch_tokens:
-            yield batch
-            batch, longest = [], 0
-        batch.append(row)
-        longest = max(longest, length)
-    if batch:
-        yield batch
 
 
 def collate(batch: list[CaptureRow], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -122,23 +108,20 @@ class HFCapture:
         self.model = model.eval()
         self._decoder = self.model.get_decoder()
         layers = self._decoder.layers
-        num_layers = len(layers)
-        self.layer_ids = list(config.layer_ids) if config.layer_ids is not None else default_layer_ids(num_layers)
-        check_layer_ids(self.layer_ids, num_layers)
-        self.num_layers = num_layers
+        self.num_layers = len(layers)
+        self.layer_ids = capture_layer_ids(config.layer_ids, self.num_layers)
         self.dtype = next(self.model.parameters()).dtype
         self._vocab_limit = self.model.get_input_embeddings().num_embeddings
         self._capture = ResidualCapture(layers, self.layer_ids)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def describe(self) -> TargetInfo:
-        return TargetInfo(
+    def describe(self) -> TargetSpec:
+        return TargetSpec(
             target_model=self.config.model,
             layer_ids=list(self.layer_ids),
             hidden_size=int(self.model.config.hidden_size),
             dtype=DTYPE_NAMES[self.dtype],
             vocab_size=int(self.model.config.vocab_size),
-            num_layers=self.num_layers,
         )
 
     def capture(self, rows: Iterable[CaptureRow], *, epoch: int = 0, lease_id: int = 0) -> Iterator[Sample]:

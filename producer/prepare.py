@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from producer.conversation import ChatTemplateError, ConversationEncoder, MalformedConversation, normalize_turns
+from protocol.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s prepare %(levelname)s %(message)s")
+    setup_logging("prepare")
     try:
         summary = prepare_dataset(PrepareConfig(**vars(args)))
     except ValueError as e:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -34,19 +33,18 @@ import zmq
 
 from producer.backend import CaptureBackend, CaptureRow, PushingBackend, PushJob
 from protocol.codec import DEFAULT_CHUNK_BYTES, DTYPES
-from protocol.target import sample_nbytes
 from protocol.messages import (
     EndOfStream,
     Error,
     Grant,
     Heartbeat,
-    Hello,
     LeaseDone,
     LeaseFailed,
     ProtocolError,
     Welcome,
 )
 from protocol.sockets import SocketConfig, make_socket, rank_endpoints, recv_message, send_message
+from protocol.target import TargetSpec, sample_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +54,6 @@ class StreamClientConfig:
     producer_id: str
     connect: list[str]  # --connect: stream endpoint bases of the trainer (ipc://DIR or tcp://HOST:PORT)
     num_ranks: int = 1  # --num-ranks: trainer ranks behind each base
-    dataset_fingerprint: str = ""
     max_batch_tokens: int = 8192  # rows captured together, across grants
     heartbeat_seconds: float = 2.0
     trainer_timeout_seconds: float = 30.0  # silent rank -> say hello again
@@ -108,7 +105,10 @@ class StreamReport:
 
 
 class StreamProducer:
-    """Serve grants from one or several trainer ranks until they all say the run is over."""
+    """Serve grants from one or several trainer ranks until they all say the run is over.
+
+    ``spec`` is what the ``Hello`` announces: by default ``backend.describe()``; the ``produce``
+    command adds the prepared dataset's fingerprint to it."""
 
     def __init__(
         self,
@@ -116,22 +116,15 @@ class StreamProducer:
         backend: CaptureBackend | PushingBackend,
         row: Callable[[int], CaptureRow],
         *,
+        spec: TargetSpec | None = None,
         stop: threading.Event | None = None,
     ):
         self.config = config
         self.backend = backend
         self.row = row
         self.stop = stop or threading.Event()
-        info = backend.describe()
-        self.hello = Hello(
-            producer_id=config.producer_id,
-            target_model=info.target_model,
-            layer_ids=list(info.layer_ids),
-            hidden_size=info.hidden_size,
-            dtype=info.dtype,
-            vocab_size=info.vocab_size,
-            dataset_fingerprint=config.dataset_fingerprint,
-        )
+        self.spec = spec or backend.describe()
+        self.hello = self.spec.hello(config.producer_id)
         self.report = StreamReport()
         self._work: collections.deque[_Work] = collections.deque()
         self._pushing = isinstance(backend, PushingBackend)
@@ -311,7 +304,7 @@ class StreamProducer:
             PushJob(row=row, destination=work.rank.data_endpoint, epoch=work.grant.epoch, lease_id=work.grant.lease_id)
             for work, row in rows
         ]
-        dtype = DTYPES[self.hello.dtype]
+        dtype = DTYPES[self.spec.dtype]
         for (work, row), result in zip(rows, self.backend.submit(jobs)):
             if result.error:
                 logger.warning("rank %s sample %d not captured: %s", work.rank.name, row.sample_id, result.error)
@@ -321,7 +314,7 @@ class StreamProducer:
                 continue
             work.sent += 1
             self.report.samples += 1
-            self.report.bytes += sample_nbytes(len(row.input_ids), len(self.hello.layer_ids), self.hello.hidden_size, dtype)
+            self.report.bytes += sample_nbytes(len(row.input_ids), len(self.spec.layer_ids), self.spec.hidden_size, dtype)
             self._tickets[result.ticket] = (work.rank, work.grant.lease_id, int(row.sample_id))
             while len(self._tickets) > self._MAX_TICKETS:
                 self._tickets.popitem(last=False)
@@ -339,13 +332,3 @@ class StreamProducer:
 
 def _writable(sock: zmq.Socket) -> bool:
     return bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT)
-
-
-def install_stop_handlers(stop: threading.Event) -> None:
-    """SIGINT/SIGTERM only set the flag; the loop finishes its batch and says goodbye."""
-
-    def handler(signum, frame):
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)

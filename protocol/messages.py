@@ -9,6 +9,8 @@ Control channel (ROUTER on the trainer, DEALER on producers):
     Hello -> Welcome, Grant, LeaseDone / LeaseFailed, Heartbeat, EndOfStream, Error
 Data channel (PUSH from whoever holds the tensors, PULL on the trainer rank):
     Sample
+Delivery reports (PUSH from vLLM's connector, PULL on the producer that submitted the row):
+    Delivered
 
 Shapes: T tokens, L captured layers, H hidden size.
 """
@@ -47,6 +49,7 @@ class Kind(enum.IntEnum):
     HEARTBEAT = 7
     END_OF_STREAM = 8
     ERROR = 9
+    DELIVERED = 10
 
 
 class Message:
@@ -211,6 +214,23 @@ class Error(Message):
     KIND: ClassVar[Kind] = Kind.ERROR
     code: str
     message: str
+
+
+@_register
+@dataclasses.dataclass(kw_only=True)
+class Delivered(Message):
+    """vLLM connector -> producer: the sample of ``ticket`` (the producer's number for one
+    submitted row) was delivered (``ok``) to its destination, or not, and ``reason`` says why."""
+
+    KIND: ClassVar[Kind] = Kind.DELIVERED
+    ticket: int
+    sample_id: int
+    ok: bool
+    reason: str = ""
+
+    def check(self) -> None:
+        if self.ok and self.reason:
+            raise ProtocolError(f"delivery of ticket {self.ticket} is ok but carries a reason: {self.reason!r:.100}")
 
 
 # ---- field schema, resolved once per class for the codec -------------------------------------

@@ -31,6 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from protocol.logs import setup_logging
+from protocol.signals import StopSignals
+
 logger = logging.getLogger("draftstream.run")
 
 
@@ -109,12 +112,14 @@ def run(args: argparse.Namespace, train_args: list[str]) -> int:
             print(shlex.join(cmd))
         return 0
 
-    stop = {"signal": None}
+    with StopSignals("asking the trainer to checkpoint and stop") as stop:
+        return _supervise(args, logs, trainer_cmd, producer_cmds, stop)
 
-    def on_signal(signum, frame):
-        stop["signal"] = signum
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+def _supervise(args: argparse.Namespace, logs: Path, trainer_cmd: list[str], producer_cmds: list[list[str]],
+               stop: StopSignals) -> int:  # fmt: skip
+    """Start the children and watch them until the trainer exits (or one fails); every stop signal
+    is forwarded to the trainer as SIGTERM."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     trainer_env = {**env, "CUDA_VISIBLE_DEVICES": args.trainer_gpus} if args.trainer_gpus else env
@@ -131,10 +136,10 @@ def run(args: argparse.Namespace, train_args: list[str]) -> int:
     reported: set[str] = set()  # producers whose death was already logged
     try:
         while True:
-            if stop["signal"] is not None:
-                logger.warning("signal %d: asking the trainer to checkpoint and stop", stop["signal"])
+            signum = stop.consume()
+            if signum is not None:
+                logger.warning("signal %d: asking the trainer to checkpoint and stop", signum)
                 trainer.process.send_signal(signal.SIGTERM)
-                stop["signal"] = None
             if trainer.process.poll() is not None:
                 exit_code = trainer.process.returncode
                 if exit_code != 0:
@@ -161,8 +166,6 @@ def run(args: argparse.Namespace, train_args: list[str]) -> int:
             time.sleep(0.2)
     finally:
         _terminate([c for c in producers if c.process.poll() is None] + ([trainer] if trainer.process.poll() is None else []), args.grace_seconds)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     return exit_code
 
 
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("draftstream run: --num-producers and --nproc-per-node must be >= 1")
     if args.stream_endpoint is None:
         args.stream_endpoint = "ipc://" + tempfile.mkdtemp(prefix="draftstream-")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s [run] %(levelname)s %(message)s")
+    setup_logging("run")
     return run(args, train_args)
 
 

@@ -1,5 +1,5 @@
-"""``draftstream train``: train an Eagle-3 / P-EAGLE draft from hidden-state files, in one process
-or under ``torchrun`` with FSDP2.
+"""``draftstream train``: train an Eagle-3 / P-EAGLE draft from hidden-state files, or from hidden
+states that producers stream live (``--stream-endpoint``), in one process or under ``torchrun`` with FSDP2.
 
 Flag names are the speculators trainer's where the meaning is the same, so its tutorial command
 lines run with only the program name changed::
@@ -15,6 +15,11 @@ lines run with only the program name changed::
 checkpoint in ``--save-path`` (``--no-resume-from-checkpoint`` to start over); ``--from-pretrained``
 starts from a saved draft's weights with a fresh optimizer.
 
+Flags map onto ``LoopConfig`` (``trainer.training.config``) and ``DraftConfig``
+(``trainer.models.config``) by name: those dataclasses hold each knob's one default and one
+validation (``config_from_args``); a model flag left at ``None`` means "the ``DraftConfig`` default"
+and, on resume, "whatever the checkpoint has".
+
 Exit status: 0 when training completed (or ``--max-steps`` was reached), 2 for a usage or data
 error found before training, 128 + signal number (130 SIGINT, 143 SIGTERM) when a signal stopped
 the run after writing ``<save-path>/latest/`` (run the same command to continue).
@@ -23,19 +28,46 @@ the run after writing ``<save-path>/latest/`` (run the same command to continue)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from protocol.codec import DTYPES
+from protocol.target import aux_layer_ids
+from trainer.data.sources import ON_MISSING, VAL_RATIO
+from trainer.models.config import ATTENTION_BACKENDS, DRAFT_ARCHS, LOSS_FUNCTIONS, SPECULATOR_TYPES, DraftConfig
+from trainer.training.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TRACKERS, LoopConfig
 
 logger = logging.getLogger("trainer.train")
 
+_DRAFT_FIXED = ("speculator_type", "verifier_name_or_path", "aux_layer_ids")  # DraftConfig fields not read from flags
 _DRAFT_OVERRIDES = ("ttt_step_loss_decay", "down_sample_ratio", "down_sample_ratio_min", "max_anchors", "loss_fn",
                     "attention_backend")  # fmt: skip
+
+
+def _defaults(cls) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+_LOOP, _DRAFT = _defaults(LoopConfig), _defaults(DraftConfig)
+
+
+def config_kwargs(cls, args: argparse.Namespace, *, given_only: bool = False, skip: tuple[str, ...] = ()) -> dict:
+    """The fields of dataclass ``cls`` that ``args`` has a flag for (argparse dest == field name);
+    ``given_only``: leave out flags left at ``None`` (= the dataclass default)."""
+    values = vars(args)
+    names = [f.name for f in dataclasses.fields(cls) if f.name in values and f.name not in skip]
+    return {k: values[k] for k in names if not (given_only and values[k] is None)}
+
+
+def config_from_args(cls, args: argparse.Namespace, **extra):
+    """``cls(**flags named like its fields, **extra)``: the dataclass validates."""
+    return cls(**{**config_kwargs(cls, args), **extra})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,10 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     g = p.add_argument_group("model")
     g.add_argument("--verifier-name-or-path", required=True, help="target (verifier) model: local directory or hub id (only config, index and head shards are fetched)")
-    g.add_argument("--speculator-type", default="eagle3", choices=["eagle3", "peagle"])
+    g.add_argument("--speculator-type", default="eagle3", choices=SPECULATOR_TYPES)
     g.add_argument("--from-pretrained", default="", help="a saved draft to fine-tune (fresh optimizer)")
-    g.add_argument("--num-layers", type=int, default=1, help="draft decoder layers")
-    g.add_argument("--draft-arch", default=None, choices=["llama", "qwen3"], help="default: the verifier's family")
+    g.add_argument("--num-layers", type=int, default=_DRAFT["num_layers"], help="draft decoder layers")
+    g.add_argument("--draft-arch", default=None, choices=DRAFT_ARCHS, help="default: the verifier's family")
     g.add_argument("--draft-vocab-size", type=int, default=None, help="default: the verifier's vocabulary")
     g.add_argument("--token-freq-path", default=None, help="default: <data-path>/token_freq.pt")
     g.add_argument("--target-layer-ids", type=int, nargs="+", default=None,
@@ -56,26 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fc-norm", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--norm-output", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--embed-requires-grad", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--ttt-steps", type=int, default=None, help="Eagle-3 training-time-test steps (default 3)")
+    g.add_argument("--ttt-steps", type=int, default=None, help=f"Eagle-3 training-time-test steps (default {_DRAFT['ttt_steps']})")
     g.add_argument("--ttt-step-loss-decay", type=float, default=None)
-    g.add_argument("--num-depths", type=int, default=None, help="P-EAGLE parallel depths (default 8)")
-    g.add_argument("--down-sample-ratio", type=float, default=None, help="P-EAGLE COD ratio r (default 0.7)")
-    g.add_argument("--down-sample-ratio-min", type=float, default=None, help="P-EAGLE COD floor (default 0.2)")
-    g.add_argument("--max-anchors", type=int, default=None, help="P-EAGLE COD seeds per batch (default 512)")
+    g.add_argument("--num-depths", type=int, default=None, help=f"P-EAGLE parallel depths (default {_DRAFT['num_depths']})")
+    g.add_argument("--down-sample-ratio", type=float, default=None, help=f"P-EAGLE COD ratio r (default {_DRAFT['down_sample_ratio']})")
+    g.add_argument("--down-sample-ratio-min", type=float, default=None, help=f"P-EAGLE COD floor (default {_DRAFT['down_sample_ratio_min']})")
+    g.add_argument("--max-anchors", type=int, default=None, help=f"P-EAGLE COD seeds per batch (default {_DRAFT['max_anchors']})")
     g.add_argument("--mask-token-id", type=int, default=None, help="P-EAGLE mask token (default: resolved)")
-    g.add_argument("--loss-fn", default=None, choices=["kl_div", "ce"])
-    g.add_argument("--attention-backend", default=None, choices=["auto", "sdpa", "flex"])
+    g.add_argument("--loss-fn", default=None, choices=LOSS_FUNCTIONS, help=f"default {_DRAFT['loss_fn']}")
+    g.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS, help=f"default {_DRAFT['attention_backend']}")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default="./data", help="prepared dataset (draftstream prepare output)")
     g.add_argument("--hidden-states-path", default=None, help="hs_{i}.safetensors files; default <data-path>/hidden_states")
-    g.add_argument("--on-missing", default="raise", choices=["raise", "skip", "warn"],
+    g.add_argument("--on-missing", default=ON_MISSING[0], choices=ON_MISSING,
                    help="a missing/unreadable hidden-state file: stop, or leave the sample out (warn: with a warning)")  # fmt: skip
     split = g.add_mutually_exclusive_group()
-    split.add_argument("--val-ratio", type=float, default=None, help="fraction of rows held out for validation (default 0.1)")
+    split.add_argument("--val-ratio", type=float, default=None, help=f"fraction of rows held out for validation (default {VAL_RATIO})")
     split.add_argument("--train-data-ratio", type=float, default=None, help="1 - --val-ratio (speculators' name)")
-    g.add_argument("--total-seq-len", type=int, default=8192, help="tokens per packed batch per rank")
-    g.add_argument("--noise-std", type=float, default=0.05, help="uniform noise [-std, std) on aux states, training only")
+    g.add_argument("--total-seq-len", type=int, default=_LOOP["total_seq_len"], help="tokens per packed batch per rank")
+    g.add_argument("--noise-std", type=float, default=_LOOP["noise_std"], help="uniform noise [-std, std) on aux states, training only")
 
     g = p.add_argument_group("streaming (instead of --hidden-states-path: producers send hidden states live)")
     g.add_argument("--stream-endpoint", default=None,
@@ -83,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--buffer-bytes", type=int, default=None, help="replay buffer budget per rank (default: 4 full batches)")
     g.add_argument("--lease-seconds", type=float, default=120.0, help="a grant not delivered in time goes to another producer")
     g.add_argument("--stall-timeout", type=float, default=1800.0, help="give up when a batch's samples do not arrive in time")
-    g.add_argument("--reuse", type=int, default=1,
+    g.add_argument("--reuse", type=int, default=_LOOP["reuse"],
                    help="train every sample K times per epoch, its uses within --reuse-window samples: the target runs once per K uses")  # fmt: skip
-    g.add_argument("--reuse-window", type=int, default=64, help="samples whose --reuse uses are interleaved (the buffer must hold them)")
+    g.add_argument("--reuse-window", type=int, default=_LOOP["reuse_window"], help="samples whose --reuse uses are interleaved (the buffer must hold them)")
     g.add_argument("--spill-dir", default=None, help="also write every received sample as hs_{i}.safetensors (tee)")
     g.add_argument("--skip-nonfinite", action="store_true", help="skip and count samples with NaN/Inf instead of stopping")
     g.add_argument("--target-dtype", default=None, help="dtype producers capture in (default: the verifier checkpoint's)")
@@ -96,58 +128,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("training")
     g.add_argument("--save-path", default="./checkpoints")
-    g.add_argument("--epochs", type=int, default=20)
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--muon-lr", type=float, default=None, help="default 10 x --lr")
-    g.add_argument("--muon-momentum", type=float, default=0.95)
-    g.add_argument("--muon-weight-decay", type=float, default=0.1)
-    g.add_argument("--scheduler-type", default="linear", choices=["linear", "cosine", "none"])
-    g.add_argument("--scheduler-warmup-steps", "--warmup-steps", dest="warmup_steps", type=int, default=None)
-    g.add_argument("--scheduler-warmup-ratio", "--warmup-ratio", dest="warmup_ratio", type=float, default=None)
-    g.add_argument("--scheduler-num-cosine-cycles", dest="num_cosine_cycles", type=float, default=0.5)
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
-    g.add_argument("--grad-accum-steps", type=int, default=1, help="batches per rank per optimizer step")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--epochs", type=int, default=_LOOP["epochs"])
+    g.add_argument("--max-steps", type=int, default=_LOOP["max_steps"], help="stop after this many optimizer steps")
+    g.add_argument("--lr", type=float, default=_LOOP["lr"])
+    g.add_argument("--optimizer", default=_LOOP["optimizer"], choices=OPTIMIZERS)
+    g.add_argument("--weight-decay", type=float, default=_LOOP["weight_decay"])
+    g.add_argument("--muon-lr", type=float, default=_LOOP["muon_lr"], help="default 10 x --lr")
+    g.add_argument("--muon-momentum", type=float, default=_LOOP["muon_momentum"])
+    g.add_argument("--muon-weight-decay", type=float, default=_LOOP["muon_weight_decay"])
+    g.add_argument("--scheduler-type", default=_LOOP["scheduler_type"], choices=SCHEDULERS)
+    g.add_argument("--scheduler-warmup-steps", "--warmup-steps", dest="warmup_steps", type=int, default=_LOOP["warmup_steps"])
+    g.add_argument("--scheduler-warmup-ratio", "--warmup-ratio", dest="warmup_ratio", type=float, default=_LOOP["warmup_ratio"])
+    g.add_argument("--scheduler-num-cosine-cycles", dest="num_cosine_cycles", type=float, default=_LOOP["num_cosine_cycles"])
+    g.add_argument("--max-grad-norm", type=float, default=_LOOP["max_grad_norm"], help="0 disables clipping")
+    g.add_argument("--grad-accum-steps", type=int, default=_LOOP["grad_accum_steps"], help="batches per rank per optimizer step")
+    g.add_argument("--seed", type=int, default=_LOOP["seed"])
     g.add_argument("--device", default="auto", help="auto, cpu, cuda (cuda:LOCAL_RANK under torchrun)")
-    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--precision", default=_LOOP["precision"], choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
 
     g = p.add_argument_group("checkpoints and logs")
-    g.add_argument("--checkpoint-freq", type=int, default=1, help="epochs between epoch checkpoints")
-    g.add_argument("--save-every-steps", type=int, default=0, help="also write <save-path>/latest/ every N steps")
+    g.add_argument("--checkpoint-freq", type=int, default=_LOOP["checkpoint_freq"], help="epochs between epoch checkpoints")
+    g.add_argument("--save-every-steps", type=int, default=_LOOP["save_every_steps"],
+                   help="also write <save-path>/latest/ every N steps")  # fmt: skip
     g.add_argument("--save-best", action="store_true", help="accepted for speculators compatibility; checkpoint_best is always kept")
     g.add_argument("--no-resume-from-checkpoint", action="store_true", help="ignore checkpoints already in --save-path")
-    g.add_argument("--log-every", type=int, default=10, help="steps between log lines")
-    g.add_argument("--tracker", "--logger", dest="tracker", default="none", choices=["none", "tensorboard", "wandb"])
-    g.add_argument("--log-dir", default=None, help="tracker directory; default <save-path>/logs")
-    g.add_argument("--run-name", default=None)
+    g.add_argument("--log-every", type=int, default=_LOOP["log_every"], help="steps between log lines")
+    g.add_argument("--tracker", "--logger", dest="tracker", default=_LOOP["tracker"], choices=TRACKERS)
+    g.add_argument("--log-dir", default=_LOOP["log_dir"], help="tracker directory; default <save-path>/logs")
+    g.add_argument("--run-name", default=_LOOP["run_name"])
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
-def resolve_aux_layer_ids(layer_ids: list[int] | None, num_target_layers: int) -> list[int]:
-    n = num_target_layers
-    if layer_ids is None:
-        return [2, n // 2, n - 3]
-    if len(layer_ids) == 4:
-        if layer_ids[-1] != n:
-            raise ValueError(f"--target-layer-ids: with 4 ids the last must be the last layer id {n}, got {layer_ids}")
-        layer_ids = layer_ids[:3]
-    if len(layer_ids) != 3:
-        raise ValueError(f"--target-layer-ids takes 3 auxiliary ids (or 4 ending with {n}), got {layer_ids}")
-    bad = [i for i in layer_ids if not 0 <= i < n]
-    if bad:
-        raise ValueError(f"--target-layer-ids {layer_ids}: ids must be in [0, {n})")
-    return list(layer_ids)
-
-
 def _draft_kwargs(args: argparse.Namespace) -> dict:
-    names = ("num_layers", "draft_vocab_size", "ttt_steps", "ttt_step_loss_decay", "num_depths", "down_sample_ratio",
-             "down_sample_ratio_min", "max_anchors", "mask_token_id", "norm_before_residual", "norm_before_fc",
-             "fc_norm", "norm_output", "embed_requires_grad", "draft_arch", "loss_fn", "attention_backend")  # fmt: skip
-    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    """The model flags given (not ``None``), by ``DraftConfig`` field name."""
+    return config_kwargs(DraftConfig, args, given_only=True, skip=_DRAFT_FIXED)
 
 
 def _changed_model_flags(config, speculator_type: str, draft_kwargs: dict) -> list[str]:
@@ -164,20 +179,21 @@ def _changed_model_flags(config, speculator_type: str, draft_kwargs: dict) -> li
 def _val_ratio(args: argparse.Namespace) -> float:
     if args.train_data_ratio is not None:
         return 1.0 - args.train_data_ratio
-    return 0.1 if args.val_ratio is None else args.val_ratio
+    return VAL_RATIO if args.val_ratio is None else args.val_ratio
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, make_file_source: Callable | None = None) -> int:
+    """``draftstream train``. ``make_file_source``: builds the file source instead of
+    ``FileSampleSource`` (same arguments; a benchmark's seam, e.g. one that preloads the files)."""
     args = build_parser().parse_args(argv)
-    from trainer.training import checkpoint as ckpt
-    from trainer.data.sources import FileSampleSource, PreparedDataset, split_train_val
-    from trainer.training.distributed import broadcast_ids, close_distributed, init_distributed, shard_model
-    from trainer.models.config import DraftConfig
-    from trainer.models.export import build_draft, load_draft, save_draft
+    from protocol.dataset import PreparedDataset
     from protocol.logs import setup_logging
-    from trainer.training.config import LoopConfig
-    from trainer.training.loop import Trainer, make_filler_batch
+    from trainer.data.sources import FileSampleSource, split_train_val
+    from trainer.models.export import build_draft, load_draft, save_draft
     from trainer.models.verifier import read_verifier_config
+    from trainer.training import checkpoint as ckpt
+    from trainer.training.distributed import broadcast_ids, close_distributed, init_distributed, shard_model
+    from trainer.training.loop import Trainer, make_filler_batch
 
     try:
         env = init_distributed(args.device)
@@ -187,20 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("trainer", rank=env.rank)
     try:
         try:
-            loop_config = LoopConfig(
-                save_path=args.save_path, epochs=args.epochs, lr=args.lr, max_steps=args.max_steps,
-                total_seq_len=args.total_seq_len, seed=args.seed, optimizer=args.optimizer,
-                weight_decay=args.weight_decay, muon_lr=args.muon_lr, muon_momentum=args.muon_momentum,
-                muon_weight_decay=args.muon_weight_decay, scheduler_type=args.scheduler_type,
-                warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio,
-                num_cosine_cycles=args.num_cosine_cycles, max_grad_norm=args.max_grad_norm,
-                grad_accum_steps=args.grad_accum_steps, noise_std=args.noise_std, log_every=args.log_every,
-                checkpoint_freq=args.checkpoint_freq, save_every_steps=args.save_every_steps,
-                precision=args.precision, tracker=args.tracker, log_dir=args.log_dir, run_name=args.run_name,
-                progress=not args.no_progress, reuse=args.reuse, reuse_window=args.reuse_window,
-            )  # fmt: skip
+            loop_config = config_from_args(LoopConfig, args, progress=not args.no_progress)
             verifier_config = read_verifier_config(args.verifier_name_or_path)
-            aux_ids = resolve_aux_layer_ids(args.target_layer_ids, int(verifier_config["num_hidden_layers"]))
+            aux_ids = aux_layer_ids(args.target_layer_ids, int(verifier_config["num_hidden_layers"]))
             hidden = int(verifier_config["hidden_size"])
 
             dataset = PreparedDataset(args.data_path)
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 num_captured, hs_dtype = len(aux_ids) + 1, DTYPES[source.target.dtype]
             else:
                 hs_dir = args.hidden_states_path or str(Path(args.data_path) / "hidden_states")
-                source = FileSampleSource(dataset, hs_dir, on_missing=args.on_missing)
+                source = (make_file_source or FileSampleSource)(dataset, hs_dir, on_missing=args.on_missing)
                 if env.is_main:
                     train_ids, val_ids = source.available(train_ids), source.available(val_ids)
                 train_ids, val_ids = broadcast_ids(train_ids, env), broadcast_ids(val_ids, env)
@@ -253,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("%s", e)
             return 2
 
-        bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
-        model = shard_model(model, env, bf16=bf16)
+        model = shard_model(model, env, bf16=loop_config.bf16(env.device))
         trainer = Trainer(
             model=model, config=loop_config, env=env, train_source=source, train_ids=train_ids,
             val_ids=val_ids, filler=make_filler_batch(num_layers=num_captured, hidden_size=hidden, dtype=hs_dtype),
@@ -279,9 +283,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _stream_source(args: argparse.Namespace, env, dataset, verifier_config: dict, aux_ids: list[int]):
     """This rank's live sample source: binds its endpoints and waits for producers."""
-    from protocol.target import sample_nbytes
+    from protocol.target import TargetSpec
     from protocol.sockets import CurveKeys, SocketConfig
-    from trainer.stream.source import StreamConfig, StreamSampleSource, TargetSpec
+    from trainer.stream.source import StreamConfig, StreamSampleSource
 
     num_layers = int(verifier_config["num_hidden_layers"])
     dtype = args.target_dtype or str(verifier_config.get("dtype") or verifier_config.get("torch_dtype") or "float32")
@@ -295,12 +299,12 @@ def _stream_source(args: argparse.Namespace, env, dataset, verifier_config: dict
         vocab_size=int(verifier_config["vocab_size"]),
         dataset_fingerprint=dataset.fingerprint,
     )
-    per_batch = sample_nbytes(args.total_seq_len, len(aux_ids) + 1, target.hidden_size, DTYPES[dtype])
     config = StreamConfig(
         rank=env.rank,
         endpoint=args.stream_endpoint,
         advertise_host=args.advertise_host,
-        buffer_bytes=args.buffer_bytes or 4 * per_batch * args.grad_accum_steps,
+        buffer_bytes=args.buffer_bytes,
+        batch_tokens=args.total_seq_len * args.grad_accum_steps,
         lease_seconds=args.lease_seconds,
         stall_timeout_seconds=args.stall_timeout,
         skip_nonfinite=args.skip_nonfinite,
@@ -322,7 +326,7 @@ def _stream_source(args: argparse.Namespace, env, dataset, verifier_config: dict
         lengths=lambda sid: dataset.lengths([sid])[0],
         expected_tokens=lambda sid: dataset.row(sid)[0],
     ).start()
-    logger.info("streaming: control %s, data %s, buffer %.1f MB", source.control_endpoint, source.data_endpoint, config.buffer_bytes / 1e6)
+    logger.info("streaming: control %s, data %s, buffer %.1f MB", source.control_endpoint, source.data_endpoint, source.buffer.budget_bytes / 1e6)
     return source
 
 

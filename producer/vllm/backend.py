@@ -6,7 +6,7 @@
       row + SampleRoute (kv_transfer_params) ----------> prefill, max_tokens=1, prompt = token ids
       check prompt ids + connector's answer <-----------   extract_hidden_states -> hidden-state cache
                                                            DraftstreamConnector (producer.vllm.connector)
-      report PULL (LeaseDone/LeaseFailed by ticket) <---     -- Sample --> trainer rank data endpoint
+      report PULL (Delivered, by ticket) <--------------     -- Sample --> trainer rank data endpoint
                                                              -- or ---> file:///DIR/hs_{i}.safetensors
 
 The engine is either ``vllm.LLM`` in this process (the default; it gets the speculative and
@@ -41,15 +41,14 @@ from typing import Any, Protocol
 
 import zmq
 
-from producer.backend import CaptureRow, DeliveryReport, PushJob, PushResult, TargetInfo, check_layer_ids, default_layer_ids
+from producer.backend import DTYPE_CHOICES, CaptureRow, PushJob, PushResult, plan_batches
 from producer.vllm.params import PARAMS_KEY, SampleRoute, loss_mask_spans
 from protocol.hsfile import hs_path
-from protocol.messages import LeaseDone, LeaseFailed, ProtocolError
+from protocol.messages import Delivered, ProtocolError
 from protocol.sockets import SocketConfig, is_loopback_endpoint, make_socket, recv_message
+from protocol.target import TargetSpec, capture_layer_ids, read_text_config
 
 logger = logging.getLogger(__name__)
-
-DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -193,29 +192,24 @@ class HTTPEngine:
         self._pool.shutdown(wait=True)
 
 
-def target_info(model: str, layer_ids: list[int] | None, dtype: str) -> TargetInfo:
+def target_spec(model: str, layer_ids: list[int] | None, dtype: str) -> TargetSpec:
     """What vLLM will capture for ``model``, from its config alone (no weights)."""
     import torch
-    from transformers import AutoConfig
 
     from protocol.codec import DTYPE_NAMES
 
-    config = AutoConfig.from_pretrained(model)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    num_layers = int(text.num_hidden_layers)
-    ids = list(layer_ids) if layer_ids else default_layer_ids(num_layers)
-    check_layer_ids(ids, num_layers)
+    text = read_text_config(model)
+    ids = capture_layer_ids(layer_ids, int(text["num_hidden_layers"]))
     if dtype == "auto":
-        raw = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or getattr(config, "dtype", None) or "float32"
+        raw = text.get("dtype") or text.get("torch_dtype") or "float32"
         resolved = raw if isinstance(raw, torch.dtype) else getattr(torch, str(raw))
         dtype = DTYPE_NAMES[resolved]
-    return TargetInfo(
+    return TargetSpec(
         target_model=model,
         layer_ids=ids,
-        hidden_size=int(text.hidden_size),
+        hidden_size=int(text["hidden_size"]),
         dtype=dtype,
-        vocab_size=int(text.vocab_size),
-        num_layers=num_layers,
+        vocab_size=int(text["vocab_size"]),
     )
 
 
@@ -225,7 +219,7 @@ class VLLMBackend:
 
     def __init__(self, config: VLLMBackendConfig, *, engine: Engine | None = None):
         self.config = config
-        self.info = target_info(config.model, config.layer_ids, config.dtype)
+        self.spec = target_spec(config.model, config.layer_ids, config.dtype)
         self._tickets = itertools.count(1)
         self._live: dict[int, int] = {}  # ticket -> sample id, until reported
         self._tmpdir: str | None = None
@@ -244,8 +238,8 @@ class VLLMBackend:
             else:
                 self.engine = InProcessEngine(
                     config.model,
-                    layer_ids=self.info.layer_ids,
-                    dtype=self.info.dtype,
+                    layer_ids=self.spec.layer_ids,
+                    dtype=self.spec.dtype,
                     engine_args=config.engine_args,
                     connector_extra=config.connector_extra,
                 )
@@ -262,8 +256,8 @@ class VLLMBackend:
         config = SocketConfig(sndhwm=4, rcvhwm=1000, allow_remote=not is_loopback_endpoint(endpoint))
         return make_socket(self._ctx, zmq.PULL, config, bind=endpoint), endpoint
 
-    def describe(self) -> TargetInfo:
-        return self.info
+    def describe(self) -> TargetSpec:
+        return self.spec
 
     def capture(self, rows, *, epoch: int = 0, lease_id: int = 0):
         raise TypeError("the vLLM backend does not hand samples to the producer: its connector sends them (use submit)")
@@ -311,15 +305,16 @@ class VLLMBackend:
             )
         if params.get("error"):
             return f"row {row.sample_id}: connector refused: {params['error']}"
-        announced = {"layer_ids": self.info.layer_ids, "hidden_size": self.info.hidden_size, "dtype": self.info.dtype}
+        announced = {"layer_ids": self.spec.layer_ids, "hidden_size": self.spec.hidden_size, "dtype": self.spec.dtype}
         for key, ours in announced.items():
             if params.get(key) != ours:
                 return f"vLLM captures {key} {params.get(key)!r}, this producer announced {ours!r} (--target-layer-ids / --dtype must match launch-vllm's)"
         return ""
 
-    def poll_reports(self, timeout_seconds: float = 0.0) -> list[DeliveryReport]:
-        """Reports that arrived (waiting up to ``timeout_seconds`` for the first)."""
-        reports: list[DeliveryReport] = []
+    def poll_reports(self, timeout_seconds: float = 0.0) -> list[Delivered]:
+        """Reports on this backend's live tickets that arrived (waiting up to ``timeout_seconds``
+        for the first); ``sample_id`` is the one this backend submitted under the ticket."""
+        reports: list[Delivered] = []
         if timeout_seconds > 0 and not self._report_sock.poll(int(timeout_seconds * 1000)):
             return reports
         while True:
@@ -330,15 +325,11 @@ class VLLMBackend:
             except ProtocolError as e:
                 logger.warning("malformed delivery report: %s", e)
                 continue
-            if isinstance(message, LeaseDone):
-                ticket, ok, reason = message.lease_id, True, ""
-            elif isinstance(message, LeaseFailed):
-                ticket, ok, reason = message.lease_id, False, message.reason
-            else:
+            if not isinstance(message, Delivered):
                 continue
-            sample_id = self._live.pop(ticket, None)
+            sample_id = self._live.pop(message.ticket, None)
             if sample_id is not None:
-                reports.append(DeliveryReport(ticket=ticket, sample_id=sample_id, ok=ok, reason=reason))
+                reports.append(Delivered(ticket=message.ticket, sample_id=sample_id, ok=message.ok, reason=message.reason))
 
     @property
     def num_unreported(self) -> int:
@@ -379,20 +370,6 @@ class PushSpillStats:
     stopped_early: bool = False
 
 
-def token_batches(rows: Iterable[CaptureRow], max_batch_tokens: int) -> Iterable[list[CaptureRow]]:
-    """Consecutive rows up to ``max_batch_tokens`` real tokens (vLLM packs without padding)."""
-    batch: list[CaptureRow] = []
-    tokens = 0
-    for row in rows:
-        if batch and tokens + len(row.input_ids) > max_batch_tokens:
-            yield batch
-            batch, tokens = [], 0
-        batch.append(row)
-        tokens += len(row.input_ids)
-    if batch:
-        yield batch
-
-
 def spill_rows(
     backend: VLLMBackend,
     rows: Iterable[CaptureRow],
@@ -408,7 +385,7 @@ def spill_rows(
     destination = "file://" + str(Path(directory).resolve())
     stats = PushSpillStats()
 
-    def collect(reports: list[DeliveryReport]) -> None:
+    def collect(reports: list[Delivered]) -> None:
         for report in reports:
             if report.sample_id in stats.failed:
                 continue  # refused on submission; its file is removed below
@@ -422,7 +399,7 @@ def spill_rows(
             if progress is not None:
                 progress.update(1)
 
-    for batch in token_batches(rows, max_batch_tokens):
+    for batch in plan_batches(rows, max_batch_tokens, padded=False):  # vLLM packs without padding
         for result in backend.submit([PushJob(row=row, destination=destination) for row in batch]):
             stats.num_submitted += 1
             stats.num_tokens += len(result.job.row.input_ids)

@@ -36,11 +36,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-
-from producer.vllm.sender import HostCopier, HostCopy, HSSender, SendJob, SenderConfig
-from producer.vllm.params import PARAMS_KEY, SampleRoute
-from protocol.codec import DTYPE_NAMES
-from protocol.sockets import CurveKeys, SocketConfig
 from vllm.config import VllmConfig, get_layers_from_vllm_config
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -49,6 +44,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     SupportsHMA,
 )
 from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+from producer.vllm.params import PARAMS_KEY, SampleRoute
+from producer.vllm.sender import HostCopier, HostCopy, HSSender, SenderConfig, SendJob
+from protocol.codec import DTYPE_NAMES
+from protocol.sockets import CurveKeys, SocketConfig
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput

@@ -12,8 +12,9 @@ builds and execs::
       <vllm serve args>
 
 Layer ids default to ``[2, N//2, N-3, N]`` for a target with N decoder layers, read from the model's
-``config.json`` (a local folder, or the hub through ``transformers.AutoConfig``). They must end with
-N: the trainer computes the verifier's targets from the last one. ``--dry-run`` prints the command
+``config.json`` (a local folder, or the hub through ``transformers.AutoConfig``;
+``protocol.target.read_text_config``). They must end with N: the trainer computes the verifier's
+targets from the last one (``protocol.target.capture_layer_ids``). ``--dry-run`` prints the command
 instead of running it. ``draftstream produce --backend vllm --endpoint http://HOST:PORT`` then sends
 rows to this server. The same two config dicts serve the in-process engine (``producer.vllm.backend``).
 """
@@ -25,7 +26,6 @@ import json
 import os
 import shlex
 import sys
-from pathlib import Path
 from typing import Any
 
 CONNECTOR_CLASS = "DraftstreamConnector"
@@ -52,34 +52,15 @@ def kv_transfer_config(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
-def num_decoder_layers(model: str) -> int:
-    """N for ``model``: a local folder's config.json, else ``transformers.AutoConfig``."""
-    config_file = Path(model) / "config.json"
-    if config_file.is_file():
-        config = json.loads(config_file.read_text())
-        text = config.get("text_config") or config
-        if "num_hidden_layers" not in text:
-            raise ValueError(f"{config_file} has no num_hidden_layers; pass --target-layer-ids")
-        return int(text["num_hidden_layers"])
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.num_hidden_layers)
-
-
 def resolve_layer_ids(model: str, layer_ids: list[int] | None) -> list[int]:
-    from producer.backend import check_layer_ids, default_layer_ids
+    """The ids to capture for ``model`` (``protocol.target.capture_layer_ids``, last id required),
+    its layer count read from its config (``protocol.target.read_text_config``)."""
+    from protocol.target import capture_layer_ids, read_text_config
 
-    num_layers = num_decoder_layers(model)
-    ids = list(layer_ids) if layer_ids else default_layer_ids(num_layers)
-    check_layer_ids(ids, num_layers)
-    if ids[-1] != num_layers:
-        raise ValueError(
-            f"--target-layer-ids {ids} must end with the last layer id {num_layers}: the trainer computes "
-            "the verifier's targets from it (give the auxiliary ids first, then the last)"
-        )
-    return ids
+    text = read_text_config(model)
+    if "num_hidden_layers" not in text:
+        raise ValueError(f"the config of {model} has no num_hidden_layers; pass --target-layer-ids")
+    return capture_layer_ids(layer_ids, int(text["num_hidden_layers"]), require_last=True)
 
 
 def connector_extra_config(args: argparse.Namespace) -> dict[str, Any]:

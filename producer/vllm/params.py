@@ -69,7 +69,7 @@ class SampleRoute:
     destination: str
     num_tokens: int  # the row's length: the connector checks the prompt against it
     loss_mask_spans: list[list[int]] = dataclasses.field(default_factory=list)
-    report: str = ""  # producer endpoint for LeaseDone/LeaseFailed keyed by ticket ("" = none)
+    report: str = ""  # producer endpoint for Delivered reports keyed by ticket ("" = none)
     ticket: int = 0
 
     def __post_init__(self) -> None:

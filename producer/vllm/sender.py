@@ -10,7 +10,7 @@ their own, so the engine loop never waits on the network or the disk.
         -> async copy to pinned host memory (own CUDA stream)   | Sample -> PUSH to the rank's     |
         -> job  --------- bounded by samples and bytes -------> |   data endpoint (chunked frames) |
         <- copy done: blocks go back to vLLM                    | or hs_{i}.safetensors (file://)  |
-                                                                | LeaseDone / LeaseFailed(ticket)  |
+                                                                | Delivered(ticket, ok, reason)    |
                                                                 |   -> the producer's report PULL  |
                                                                 +----------------------------------+
 
@@ -39,7 +39,7 @@ import zmq
 from producer.vllm.params import SampleRoute, spill_directory
 from protocol.codec import DEFAULT_CHUNK_BYTES, all_finite
 from protocol.hsfile import write_hs_file
-from protocol.messages import LeaseDone, LeaseFailed, Message, Sample
+from protocol.messages import Delivered, Sample
 from protocol.sockets import SocketConfig, make_socket, send_message
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class SenderStats:
 
 class HSSender:
     """Delivers ``SendJob``s in order on a thread named ``HSSender``; reports each outcome to the
-    route's ``report`` endpoint as ``LeaseDone(ticket, 1)`` or ``LeaseFailed(ticket, [id], why)``.
+    route's ``report`` endpoint as ``Delivered(ticket, sample id, ok, why)``.
     ``submit`` never blocks: callers check ``has_room`` first."""
 
     _CLOSE = object()
@@ -299,11 +299,7 @@ class HSSender:
     def _report(self, ctx: zmq.Context, reports: dict[str, zmq.Socket], route: SampleRoute, reason: str) -> None:
         if not route.report:
             return
-        message: Message
-        if reason:
-            message = LeaseFailed(lease_id=route.ticket, sample_ids=[route.sample_id], reason=reason)
-        else:
-            message = LeaseDone(lease_id=route.ticket, num_samples=1)
+        message = Delivered(ticket=route.ticket, sample_id=route.sample_id, ok=not reason, reason=reason)
         sock = reports.get(route.report)
         if sock is None:
             sock = reports[route.report] = make_socket(ctx, zmq.PUSH, SocketConfig(sndhwm=1000, rcvhwm=4), connect=route.report)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from producer.backend import CaptureRow, default_layer_ids
-from producer.capture import CaptureConfig, HFCapture, plan_batches
+from producer.backend import CaptureRow, plan_batches
+from producer.capture import CaptureConfig, HFCapture
+from protocol.target import default_layer_ids
 
 # Batched and single-row forwards use different kernels (masked SDPA, other matmul shapes), so
 # they agree to rounding: relative Frobenius error, well under bf16's own ~1% error against fp32.
@@ -102,9 +103,10 @@ def test_samples_carry_row_ids_epoch_lease_and_protocol_dtypes(tiny_qwen3):
 
 
 def test_describe_reports_default_layer_ids_and_target_shape(tiny_llama):
-    info = HFCapture(CaptureConfig(model=str(tiny_llama), device="cpu")).describe()
+    capture = HFCapture(CaptureConfig(model=str(tiny_llama), device="cpu"))
+    info = capture.describe()
     assert info.layer_ids == default_layer_ids(8) == [2, 4, 5, 8]
-    assert (info.num_layers, info.hidden_size, info.dtype) == (8, 64, "float32")
+    assert (capture.num_layers, info.hidden_size, info.dtype) == (8, 64, "float32")
     assert info.target_model == str(tiny_llama) and info.vocab_size > 256
 
 
@@ -129,6 +131,15 @@ def test_batches_stay_within_token_budget_and_keep_order():
         padded = len(batch) * max(r.input_ids.shape[0] for r in batch)
         assert padded <= 60 or len(batch) == 1  # a row over budget goes alone
     assert [len(b) for b in batches] == [2, 1, 1, 4]
+
+
+def test_unpadded_batches_count_real_tokens_and_keep_order():
+    rows = _rows([10, 30, 20, 90, 5, 5, 5, 5], vocab=50)
+    batches = list(plan_batches(rows, max_batch_tokens=60, padded=False))
+    assert [r.sample_id for b in batches for r in b] == list(range(8))
+    for batch in batches:
+        assert sum(r.input_ids.shape[0] for r in batch) <= 60 or len(batch) == 1  # a row over budget goes alone
+    assert [len(b) for b in batches] == [3, 1, 4]
 
 
 def test_config_errors_name_the_flag():

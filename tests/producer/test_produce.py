@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from producer.backend import CaptureRow
-from producer.produce import ProduceConfig, main, produce, run_producer, select_indices
+from producer.produce import main
+from producer.run_config import ProduceConfig
+from producer.spill_run import produce, run_producer, select_indices
 from protocol.hsfile import HiddenStateFileError, hs_path, list_hs_indices, read_hs_file
 from protocol.messages import Sample
 

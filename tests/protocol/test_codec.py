@@ -10,7 +10,7 @@ import torch
 
 from protocol.codec import DEFAULT_CHUNK_BYTES, VIEW_MIN_BYTES, FramedTensor, all_finite, decode, encode
 from protocol.messages import (
-    ProtocolError,
+    Delivered,
     EndOfStream,
     Error,
     Grant,
@@ -18,6 +18,7 @@ from protocol.messages import (
     Hello,
     LeaseDone,
     LeaseFailed,
+    ProtocolError,
     Sample,
     Welcome,
 )
@@ -44,6 +45,8 @@ CONTROL_MESSAGES = [
     Heartbeat(sender="producer-0", time_s=12.5, stats={"samples_per_s": 3.0, "gbps": 1}),
     EndOfStream(reason="done"),
     Error(code="bad_frame", message="truncated"),
+    Delivered(ticket=41, sample_id=9, ok=True),
+    Delivered(ticket=42, sample_id=10, ok=False, reason="trainer took no data for 60s"),
 ]
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from protocol.codec import decode, encode
-from protocol.messages import Grant, Heartbeat, Kind, ProtocolError, ProtocolVersionError
+from protocol.messages import Delivered, Grant, Heartbeat, Kind, ProtocolError, ProtocolVersionError
 from tests.protocol.test_codec import make_sample
 
 
@@ -159,6 +159,19 @@ def test_heartbeat_stats_must_be_a_str_to_number_map():
     header = header_of(frames)
     header["f"]["stats"] = {"x": "fast"}
     raises(with_header(frames, header))
+
+
+def test_delivery_report_fields_are_typed_and_consistent():
+    frames = [bytes(f) for f in encode(Delivered(ticket=3, sample_id=7, ok=False, reason="gone"))]
+    for field, value in (("ok", 1), ("ticket", "3"), ("sample_id", 7.5), ("reason", None)):
+        header = header_of(frames)
+        header["f"][field] = value
+        raises(with_header(frames, header), field)
+    header = header_of(frames)
+    header["f"]["ok"] = True
+    raises(with_header(frames, header), "ok but carries a reason")
+    with pytest.raises(ProtocolError, match="ok but carries a reason"):
+        encode(Delivered(ticket=3, sample_id=7, ok=True, reason="gone"))
 
 
 def test_kind_of_another_message_with_this_header():

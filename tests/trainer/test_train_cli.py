@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 from protocol.hsfile import hs_path
 from tests.trainer.offline_data import offline_dataset  # noqa: F401 - fixture
+from trainer.train import build_parser, main
 from trainer.training import checkpoint as ckpt
 from trainer.training.accounting import read_accounting
-from trainer.train import build_parser, main
 
 # Step 5 of the speculators offline tutorials (Eagle-3 with Llama-3.1-8B, P-EAGLE with Qwen3-8B),
 # single GPU and torchrun FSDP, with `scripts/train.py` as the program. Paths and the draft vocab
@@ -156,3 +156,22 @@ def test_usage_errors_name_the_flag(offline_dataset, tmp_path, caplog):
     assert "--hidden-states-path" in caplog.text
     with pytest.raises(SystemExit):
         main(["--data-path", str(data)])  # no --verifier-name-or-path
+
+
+def test_flags_map_onto_the_configs_with_their_defaults():
+    """Every loop knob has a flag whose default is the LoopConfig field's (one default each), and
+    model flags left out mean "the DraftConfig default"."""
+    import dataclasses
+
+    from trainer.models.config import DraftConfig
+    from trainer.train import _draft_kwargs, config_from_args
+    from trainer.training.config import LoopConfig
+
+    args = build_parser().parse_args(["--verifier-name-or-path", "m"])
+    flagless = {"progress", "prefetch_depth"}  # --no-progress is inverted; prefetch depth is not a flag
+    assert {f.name for f in dataclasses.fields(LoopConfig)} - flagless <= set(vars(args))
+    assert config_from_args(LoopConfig, args, progress=True) == LoopConfig(save_path=args.save_path)
+    assert args.noise_std == LoopConfig(save_path="x").noise_std == 0.05
+    assert _draft_kwargs(args) == {"num_layers": DraftConfig.num_layers}
+    given = build_parser().parse_args(["--verifier-name-or-path", "m", "--ttt-steps", "5", "--no-fc-norm"])
+    assert _draft_kwargs(given) == {"num_layers": 1, "ttt_steps": 5, "fc_norm": False}

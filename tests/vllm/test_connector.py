@@ -20,7 +20,7 @@ import zmq  # noqa: E402
 
 from producer.vllm.params import PARAMS_KEY, SampleRoute, loss_mask_spans  # noqa: E402
 from protocol.hsfile import hs_path, read_hs_file  # noqa: E402
-from protocol.messages import LeaseDone, LeaseFailed, Sample  # noqa: E402
+from protocol.messages import Delivered, Sample  # noqa: E402
 from protocol.sockets import SocketConfig, make_socket, recv_message  # noqa: E402
 from tests.vllm.conftest import LAYER_IDS, NUM_BLOCKS  # noqa: E402
 
@@ -73,9 +73,10 @@ def cache_layer(vllm_config):
 @pytest.fixture
 def worker(vllm_config, kv_cache_config, cache_layer, monkeypatch):
     """The worker-side connector, made by vLLM's factory, holding a zeroed CPU hidden-state cache."""
-    import producer.vllm.connector as module
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.distributed.kv_transfer.kv_connector.v1 import KVConnectorRole
+
+    import producer.vllm.connector as module
 
     monkeypatch.setattr(module, "get_tensor_model_parallel_rank", lambda: 0)  # no process group on CPU
     connector = KVConnectorFactory.create_connector(vllm_config, KVConnectorRole.WORKER, kv_cache_config)
@@ -263,8 +264,8 @@ def test_worker_pushes_each_finished_request_as_one_sample_a_trainer_socket_deco
         for _ in prompts:
             assert reports.poll(10_000)
             _, report = recv_message(reports)
-            assert isinstance(report, LeaseDone) and report.num_samples == 1
-            tickets.add(report.lease_id)
+            assert isinstance(report, Delivered) and report.ok and report.reason == ""
+            tickets.add(report.ticket)
         assert tickets == {500, 501}
     finally:
         pull.close(linger=0)
@@ -298,7 +299,7 @@ def test_worker_holds_blocks_while_its_send_queue_is_full(scheduler, worker, spi
     assert worker.get_finished(set()) == ({"q"}, None)
 
 
-def test_failures_are_reported_as_lease_failed_and_still_release_blocks(scheduler, worker, tmp_path):
+def test_failures_are_reported_not_delivered_and_still_release_blocks(scheduler, worker, tmp_path):
     ctx = zmq.Context()
     report_endpoint = f"ipc://{tmp_path}/report.sock"
     reports = make_socket(ctx, zmq.PULL, SocketConfig(rcvhwm=16), bind=report_endpoint)
@@ -310,8 +311,8 @@ def test_failures_are_reported_as_lease_failed_and_still_release_blocks(schedule
         assert worker.get_finished(set(step.finished_req_ids)) == ({"f"}, None)
         assert reports.poll(10_000)
         _, report = recv_message(reports)
-        assert isinstance(report, LeaseFailed)
-        assert (report.lease_id, report.sample_ids) == (77, [5])
+        assert isinstance(report, Delivered) and not report.ok
+        assert (report.ticket, report.sample_id) == (77, 5)
         assert "spill_dirs" in report.reason
         assert not (tmp_path / "not-allowed").exists()
     finally:

@@ -31,7 +31,8 @@ batch never holds the same sample twice (a repeat closes the batch early).
 
 "Rank" here is a *logical* rank: with gradient accumulation a process plays several logical ranks
 per step (see ``trainer.training.loop``), so one process with ``grad_accum_steps=2`` trains exactly the
-batches that two processes do.
+batches that two processes do. In which order a process fetches its batches is
+``trainer.data.order``'s.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import functools
 import hashlib
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 
 def derive_seed(*parts: object) -> int:
@@ -154,20 +155,6 @@ class BatchPlan:
         """Sample ids that ``rank`` trains on at ``step``; empty for a filler step."""
         b = self._index(rank, step)
         return list(self.batches[b]) if b < len(self.batches) else []
-
-    def tokens_for(self, rank: int, step: int) -> int:
-        b = self._index(rank, step)
-        return self.batch_tokens[b] if b < len(self.batches) else 0
-
-    def iter_steps(self, rank: int, start_step: int = 0) -> Iterator[tuple[int, list[int]]]:
-        """(step, sample ids) for ``rank`` from the cursor ``start_step`` to the end of the epoch."""
-        for step in range(start_step, self.num_steps):
-            yield step, self.batches_for(rank, step)
-
-    def sample_ids_for(self, rank: int, start_step: int = 0) -> list[int]:
-        """Every sample id ``rank`` will train on from ``start_step`` on, in training order: what a
-        streaming trainer rank must ask producers for."""
-        return [sid for _, ids in self.iter_steps(rank, start_step) for sid in ids]
 
     def use_counts(self) -> dict[int, int]:
         """How many times each sample is trained on in this epoch (``reuse`` for every id)."""

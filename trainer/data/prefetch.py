@@ -1,5 +1,5 @@
-"""Fetching ahead: a thread that asks the sample source for the coming steps' samples and packs
-them while the main loop computes, through a bounded queue (``depth`` steps), so file reads (or
+"""Fetching ahead: a thread that asks the sample source for the coming steps' samples (in the
+order of ``trainer.data.order``) and packs them while the main loop computes, through a bounded queue (``depth`` steps), so file reads (or
 waiting on the network) overlap the draft's forward/backward.
 
 The thread owns nothing but the source calls; errors travel through the queue as values and are
@@ -18,8 +18,9 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from trainer.data.batch import PackedBatch, pack
-from trainer.data.sources import FetchResult, SampleSource
+from trainer.data.order import Slot, step_slots, train_steps
 from trainer.data.plan import BatchPlan
+from trainer.data.sources import FetchResult, SampleSource
 
 
 @dataclasses.dataclass
@@ -31,18 +32,22 @@ class MicroBatch:
     batch: PackedBatch | None  # None: filler
 
 
-def fetch_micro_batches(
-    plan: BatchPlan, source: SampleSource, logical_ranks: Sequence[int], step: int, *, total_seq_len: int, pin: bool = False
-) -> list[MicroBatch]:
-    """Fetch and pack the batches of ``logical_ranks`` at ``step`` (synchronously)."""
+def fetch_slots(source: SampleSource, slots: Sequence[Slot], *, total_seq_len: int, pin: bool = False) -> list[MicroBatch]:
+    """Fetch and pack one step's slots (synchronously), in order."""
     micros = []
-    for lr in logical_ranks:
-        fetched = source.fetch(plan.batches_for(lr, step))
+    for lr, ids in slots:
+        fetched = source.fetch(ids)
         batch = pack(fetched.samples, total_seq_len) if fetched.samples else None
         if batch is not None and pin:
             batch = pinned(batch)
         micros.append(MicroBatch(lr, fetched, batch))
     return micros
+
+
+def fetch_micro_batches(plan: BatchPlan, source: SampleSource, logical_ranks: Sequence[int], step: int, *,
+                        pin: bool = False) -> list[MicroBatch]:  # fmt: skip
+    """Fetch and pack the batches of ``logical_ranks`` at ``step`` (synchronously)."""
+    return fetch_slots(source, step_slots(plan, logical_ranks, step), total_seq_len=plan.total_seq_len, pin=pin)
 
 
 class Prefetcher:
@@ -52,11 +57,11 @@ class Prefetcher:
     _DONE = object()
 
     def __init__(self, *, plan: BatchPlan, source: SampleSource, logical_ranks: Sequence[int], start_step: int,
-                 total_seq_len: int, depth: int, pin: bool):  # fmt: skip
+                 depth: int, pin: bool):  # fmt: skip
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self.wait_seconds = 0.0  # time the training loop spent waiting for data (stall)
         self._stop = threading.Event()
-        self._args = (plan, source, list(logical_ranks), start_step, total_seq_len, pin)
+        self._args = (plan, source, list(logical_ranks), start_step, pin)
         self._thread = threading.Thread(target=self._run, name=f"Prefetch-e{plan.epoch}", daemon=True)
         self._thread.start()
 
@@ -70,10 +75,10 @@ class Prefetcher:
         return False
 
     def _run(self) -> None:
-        plan, source, logical_ranks, start_step, total_seq_len, pin = self._args
+        plan, source, logical_ranks, start_step, pin = self._args
         try:
-            for step in range(start_step, plan.num_steps):
-                micros = fetch_micro_batches(plan, source, logical_ranks, step, total_seq_len=total_seq_len, pin=pin)
+            for step, slots in train_steps(plan, logical_ranks, start_step):
+                micros = fetch_slots(source, slots, total_seq_len=plan.total_seq_len, pin=pin)
                 if not self._put((step, micros)):
                     return
             self._put(self._DONE)

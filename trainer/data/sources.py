@@ -17,8 +17,8 @@ means the files belong to another dataset or tokenizer, and skipping would hide 
 
 Noise (``--noise-std``) is uniform in [-std, std) on the auxiliary layers only (never the last
 layer, which defines the target distribution), training only, drawn from a generator derived
-from (seed, epoch, sample id): the same sample gets the same noise whichever rank trains it and
-whether or not the run was resumed in between.
+from (seed, epoch, sample id, use index under ``--reuse``): the same sample gets the same noise
+whichever rank trains it and whether or not the run was resumed in between.
 """
 
 from __future__ import annotations
@@ -30,11 +30,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-
 from safetensors import SafetensorError, safe_open
 
-from protocol.hsfile import HIDDEN_STATES, HiddenStateFileError, hs_path, list_hs_indices, read_hs_file
 from protocol.dataset import PreparedDataset
+from protocol.hsfile import HIDDEN_STATES, HiddenStateFileError, hs_path, list_hs_indices, read_hs_file
 from trainer.data.batch import PackedBatch, TrainSample
 from trainer.data.plan import derive_seed
 
@@ -77,6 +76,9 @@ class SampleSource:
 
     def close(self, reason: str = "training finished") -> None:
         """Release what the source holds; idempotent."""
+
+
+VAL_RATIO = 0.1  # --val-ratio default of `draftstream train` (and `draftstream eval --val-only`)
 
 
 def split_train_val(num_rows: int, *, val_ratio: float, seed: int) -> tuple[list[int], list[int]]:

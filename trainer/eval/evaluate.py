@@ -38,7 +38,10 @@ from pathlib import Path
 
 import torch
 
+from protocol.logs import setup_logging
+from trainer.data.sources import VAL_RATIO
 from trainer.eval.speculate import AcceptanceStats, HFTarget, generate, stats_of
+from trainer.training.config import LoopConfig
 
 logger = logging.getLogger("trainer.eval.evaluate")
 
@@ -182,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=32, help="prompts per --data source")
     p.add_argument("--skip-prompts", type=int, default=0, help="skip this many prompts of each source first")
     p.add_argument("--val-only", action="store_true", help="prepared datasets: only the rows `train` held out for validation")
-    p.add_argument("--val-ratio", type=float, default=0.1, help="with --val-only: the training run's --val-ratio")
-    p.add_argument("--seed", type=int, default=42, help="with --val-only: the training run's --seed")
+    p.add_argument("--val-ratio", type=float, default=VAL_RATIO, help="with --val-only: the training run's --val-ratio")
+    p.add_argument("--seed", type=int, default=LoopConfig.seed, help="with --val-only: the training run's --seed")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--num-speculative-tokens", type=int, default=None,
                    help="K tokens proposed per round; default: the checkpoint's speculative_tokens")  # fmt: skip
@@ -326,8 +329,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s [eval] %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging("eval")
     try:
         result = run(args)
     except ValueError as e:

@@ -36,9 +36,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from protocol.layer_capture import ResidualCapture
-
-from trainer.models.base import DraftModel
 from trainer.eval.propose import propose
+from trainer.models.base import DraftModel
 
 
 @dataclasses.dataclass

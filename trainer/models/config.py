@@ -11,6 +11,7 @@ import dataclasses
 SPECULATOR_TYPES = ("eagle3", "peagle")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 LOSS_FUNCTIONS = ("kl_div", "ce")
+DRAFT_ARCHS = ("llama", "qwen3")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -77,7 +78,7 @@ class DraftConfig:
             # vLLM (0.33) builds P-EAGLE drafts without per-layer fc norms: such a checkpoint
             # would not load in `vllm serve`.
             raise ValueError("fc_norm is not supported for --speculator-type peagle (vLLM cannot serve it)")
-        if self.draft_arch not in (None, "llama", "qwen3"):
+        if self.draft_arch is not None and self.draft_arch not in DRAFT_ARCHS:
             raise ValueError(f"--draft-arch must be llama or qwen3, got {self.draft_arch!r}")
         if self.loss_fn not in LOSS_FUNCTIONS:
             raise ValueError(f"--loss-fn must be one of {LOSS_FUNCTIONS}, got {self.loss_fn!r}")

@@ -16,15 +16,16 @@ Loss: per step a masked mean of the per-position divergence, summed over steps w
 at p matches the verifier's argmax at every step <= s), ``cond_acc_{s}`` (matches at s given it
 matched at all steps < s); both over chains whose steps 0..s are all supervised.
 
-Shape letters: N packed tokens (rows flattened), H hidden, X = A*H, D draft vocab.
+Shape letters: N packed tokens (rows flattened), H hidden, X = A*H (the aux layers concatenated),
+S the step's supervised positions, D draft vocab.
 """
 
 from __future__ import annotations
 
 import torch
 
-from trainer.models.attention import AttentionMask, resolve_backend, ttt_mask_mod
 from trainer.data.batch import PackedBatch
+from trainer.models.attention import AttentionMask, resolve_backend, ttt_mask_mod
 from trainer.models.base import DraftModel, DraftOutput, flatten_rows, shift_left
 from trainer.models.layers import KVCache
 from trainer.models.losses import mean_over, per_position_loss, ratio
@@ -65,14 +66,14 @@ class Eagle3Draft(DraftModel):
             hidden_1NH = normed_1NH if cfg.norm_output else out_1NH
 
             # Logits only where they are supervised: [N, D] logits are the largest activation.
-            at_X = torch.nonzero(label_N).squeeze(1)
-            logits_XD = self.lm_head(normed_1NH[0, at_X])
-            step_loss = mean_over(per_position_loss(logits_XD, target_logits_ND[at_X + shift], cfg.loss_fn))
+            at_S = torch.nonzero(label_N).squeeze(1)
+            logits_SD = self.lm_head(normed_1NH[0, at_S])
+            step_loss = mean_over(per_position_loss(logits_SD, target_logits_ND[at_S + shift], cfg.loss_fn))
             loss = loss + cfg.ttt_step_loss_decay**step * step_loss
 
             with torch.no_grad():
                 correct_N = torch.zeros_like(label_N)
-                correct_N[at_X] = logits_XD.argmax(-1) == target_ids_N[at_X + shift]
+                correct_N[at_S] = logits_SD.argmax(-1) == target_ids_N[at_S + shift]
                 supervised_N = supervised_N & label_N
                 before_N = chain_N & supervised_N
                 chain_N = chain_N & correct_N

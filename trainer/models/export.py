@@ -22,9 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.models.base import DraftModel
-from trainer.models.eagle3 import Eagle3Draft
-
 from trainer.models.config import DraftConfig
+from trainer.models.eagle3 import Eagle3Draft
 from trainer.models.layers import derive_layer_config
 from trainer.models.peagle import PEagleDraft
 from trainer.models.verifier import VerifierHead, read_verifier_config, read_verifier_head

@@ -6,7 +6,7 @@ the verifier's argmax. Losses are computed on the supervised positions only (sel
 multiplied by a zero mask), and their mean over an empty selection is 0, so an empty or fully
 padded batch yields a zero loss, never NaN.
 
-Shape letters: X positions or elements, D draft vocab.
+Shape letters: S supervised positions or elements, D draft vocab.
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ import torch
 import torch.nn.functional as F
 
 
-def per_position_loss(logits_XD: torch.Tensor, target_logits_XD: torch.Tensor, loss_fn: str) -> torch.Tensor:
+def per_position_loss(logits_SD: torch.Tensor, target_logits_SD: torch.Tensor, loss_fn: str) -> torch.Tensor:
     """[X] fp32 divergence of the draft from the verifier at each position."""
-    log_q_XD = F.log_softmax(logits_XD.float(), dim=-1)
+    log_q_SD = F.log_softmax(logits_SD.float(), dim=-1)
     if loss_fn == "ce":
-        return -log_q_XD.gather(-1, target_logits_XD.argmax(-1, keepdim=True)).squeeze(-1)
-    log_p_XD = F.log_softmax(target_logits_XD.float(), dim=-1)
-    return (log_p_XD.exp() * (log_p_XD - log_q_XD)).sum(-1)
+        return -log_q_SD.gather(-1, target_logits_SD.argmax(-1, keepdim=True)).squeeze(-1)
+    log_p_SD = F.log_softmax(target_logits_SD.float(), dim=-1)
+    return (log_p_SD.exp() * (log_p_SD - log_q_SD)).sum(-1)
 
 
-def mean_over(values_X: torch.Tensor) -> torch.Tensor:
+def mean_over(values_S: torch.Tensor) -> torch.Tensor:
     """Mean over the supervised positions already selected; 0 (still in the graph) when none."""
-    return values_X.sum() / max(values_X.shape[0], 1)
+    return values_S.sum() / max(values_S.shape[0], 1)
 
 
 def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ run draws the same elements.
 Loss: one masked mean over all elements, no depth decay. Metrics: ``position_{d}_acc`` (argmax
 agreement at depth d) and ``full_acc`` (over all depths), ``loss``.
 
-Shape letters: N packed tokens (rows flattened), E sampled elements, H hidden, X = A*H, D draft vocab.
+Shape letters: N packed tokens (rows flattened), E sampled elements, S the supervised ones among
+them, H hidden, X = A*H (the aux layers concatenated), D draft vocab.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.models.attention import AttentionMask, cod_mask_mod, resolve_backend
 from trainer.data.batch import PackedBatch
+from trainer.models.attention import AttentionMask, cod_mask_mod, resolve_backend
 from trainer.models.base import DraftModel, DraftOutput, flatten_rows, shift_left
 from trainer.models.config import DraftConfig
 from trainer.models.losses import mean_over, per_position_loss, ratio
@@ -73,7 +74,7 @@ class PEagleDraft(DraftModel):
     def forward(self, batch: PackedBatch, *, generator: torch.Generator | None = None) -> DraftOutput:
         cfg = self.config
         rows = flatten_rows(batch, cfg.num_aux)
-        n, device = rows.input_ids_N.shape[0], rows.input_ids_N.device
+        device = rows.input_ids_N.device
         label_N = (rows.doc_N >= 0) & (shift_left(rows.doc_N, 1, -1) == rows.doc_N) & shift_left(rows.loss_mask_N, 1, False)
         anchor_E, depth_E = cod_sample(label_N, rows.doc_N, cfg, generator)
         position_E = anchor_E + depth_E
@@ -96,16 +97,16 @@ class PEagleDraft(DraftModel):
             attn_mask,
         )
         label_E = label_N[position_E]
-        at_X = torch.nonzero(label_E).squeeze(1)
-        logits_XD = self.lm_head(self.norm(out_1EH[0, at_X]))
-        target_XD = self.verifier_logits(rows.last_NH[position_E[at_X] + 1])
-        loss = mean_over(per_position_loss(logits_XD, target_XD, cfg.loss_fn))
+        at_S = torch.nonzero(label_E).squeeze(1)
+        logits_SD = self.lm_head(self.norm(out_1EH[0, at_S]))
+        target_SD = self.verifier_logits(rows.last_NH[position_E[at_S] + 1])
+        loss = mean_over(per_position_loss(logits_SD, target_SD, cfg.loss_fn))
 
         with torch.no_grad():
-            correct_X = logits_XD.argmax(-1) == target_XD.argmax(-1)
-            depth_X = depth_E[at_X]
-            metrics = {"loss": loss.detach(), "full_acc": ratio(correct_X.sum(), label_E.sum())}
+            correct_S = logits_SD.argmax(-1) == target_SD.argmax(-1)
+            depth_S = depth_E[at_S]
+            metrics = {"loss": loss.detach(), "full_acc": ratio(correct_S.sum(), label_E.sum())}
             for depth in range(cfg.num_depths):
-                at_depth_X = depth_X == depth
-                metrics[f"position_{depth}_acc"] = ratio((correct_X & at_depth_X).sum(), at_depth_X.sum())
+                at_depth_S = depth_S == depth
+                metrics[f"position_{depth}_acc"] = ratio((correct_S & at_depth_S).sum(), at_depth_S.sum())
         return DraftOutput(loss=loss, metrics=metrics, num_loss_tokens=label_E.sum())

@@ -12,8 +12,6 @@ import threading
 import time
 from collections.abc import Hashable
 
-import torch
-
 
 class CreditLedger:
     """Thread-safe reservations against a fixed byte budget, keyed by anything hashable."""

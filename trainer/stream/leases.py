@@ -62,7 +62,6 @@ class LeaseTable:
         self._ids = itertools.count(1)
         self.num_expired = 0
         self.num_duplicates = 0
-        self.num_regranted = 0
 
     # ---- needs ------------------------------------------------------------------------------
 
@@ -91,10 +90,6 @@ class LeaseTable:
     @property
     def num_outstanding(self) -> int:
         return len(self._owner)
-
-    @property
-    def num_received(self) -> int:
-        return len(self._received)
 
     @property
     def leases(self) -> dict[int, Lease]:
@@ -172,7 +167,6 @@ class LeaseTable:
                 self._pending_set.add(key)
                 heapq.heappush(self._returned, (self._position[key], key))
                 returned.append(key)
-        self.num_regranted += len(returned)
         if not lease.outstanding:
             self._leases.pop(lease.lease_id, None)
         if len(self._returned) > 4 * len(self._pending_set) + 64:  # drop stale heap entries

@@ -9,6 +9,9 @@ and releases their credit once their last planned use is handed out.
 Reuse (``uses > 1``): a sample planned for K uses stays until the K-th ``take``; the target runs
 once per K uses. The batch plan decides where the uses fall (a window of nearby steps), so the
 bytes held by reuse are bounded by that window, which the credit budget must cover.
+
+A sample whose hidden states held NaN/Inf (with --skip-nonfinite) is stored as a ``Nonfinite``
+tombstone: it occupies no bytes, and ``fetch`` reports its id as skipped.
 """
 
 from __future__ import annotations
@@ -17,12 +20,23 @@ import threading
 import time
 from collections.abc import Hashable, Sequence
 
-from trainer.stream.credit import CreditLedger
+import torch
+
 from trainer.data.batch import TrainSample
+from trainer.stream.credit import CreditLedger
 
 
 class BufferTimeout(TimeoutError):
     """Samples the trainer needs did not arrive in time."""
+
+
+class Nonfinite(TrainSample):
+    """Tombstone stored for a sample whose hidden states held NaN/Inf (with --skip-nonfinite): it
+    occupies no bytes and ``fetch`` reports its id as skipped."""
+
+    def __init__(self, sample_id: int):
+        empty = torch.empty(0)
+        super().__init__(sample_id=sample_id, token_ids=empty, loss_mask=empty, hidden_states=empty)
 
 
 class ReplayBuffer:
@@ -67,10 +81,6 @@ class ReplayBuffer:
             self.peak_bytes = max(self.peak_bytes, self.stored_bytes)
             self._cond.notify_all()
 
-    def missing(self, keys: Sequence[Hashable]) -> list[Hashable]:
-        with self._cond:
-            return [k for k in keys if k not in self._samples]
-
     def take(self, keys: Sequence[Hashable], *, timeout: float | None = None, poll: float = 0.5, check=None) -> list[TrainSample]:
         """Block until every key is stored, then hand them out in order; a key on its last use is
         removed and its credit released. ``check()`` runs between waits (to surface IO errors)."""
@@ -94,10 +104,6 @@ class ReplayBuffer:
                     self.stored_bytes -= sample_bytes(sample)
                     self.ledger.release(key)
             return out
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._samples)
 
     def wake(self) -> None:
         """Wake a blocked ``take`` so it re-runs its ``check``."""

@@ -43,7 +43,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from trainer.training.distributed import DistEnv, barrier, full_model_state_dict, full_optimizer_state_dict, load_optimizer_state_dict
+from trainer.training.distributed import (
+    DistEnv,
+    barrier,
+    full_model_state_dict,
+    full_optimizer_state_dict,
+    load_optimizer_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ class LoopConfig:
     num_cosine_cycles: float = 0.5
     max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
     grad_accum_steps: int = 1
-    noise_std: float = 0.0
+    noise_std: float = 0.05  # --noise-std: uniform noise [-std, std) on the aux states (trainer.data.sources)
     log_every: int = 10
     checkpoint_freq: int = 1  # epochs between epoch checkpoints (the last epoch is always saved)
     save_every_steps: int = 0  # > 0: also write <save>/latest/ every this many global steps
@@ -90,3 +90,7 @@ class LoopConfig:
         )
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             logger.warning("--scheduler-warmup-steps given: ignoring --scheduler-warmup-ratio")
+
+    def bf16(self, device: torch.device) -> bool:
+        """Whether to compute in bf16 on ``device`` (``--precision``; auto = bf16 on CUDA)."""
+        return self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")

@@ -68,7 +68,6 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 def init_distributed(device: str = "auto", *, timeout_s: float = 1800.0) -> DistEnv:
     """Start the process group when launched by torchrun; otherwise a single-process env."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
     if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:

@@ -30,18 +30,16 @@ draws what an uninterrupted run draws; the global RNG states are saved too (rng_
 for anything else that uses them.
 
 After every step each process appends what it trained to the accounting record
-(``trainer.training.accounting``), rank 0 a line of metrics to ``<save>/train_log.jsonl`` (and the tracker).
+(``trainer.training.accounting``), rank 0 a line of metrics to ``<save>/train_log.jsonl`` (and the tracker;
+``trainer.training.metrics``). What a process fetches, and in which order, is ``trainer.data.order``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import logging
-import re
 import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,16 +47,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.training import checkpoint as ckpt
-from trainer.training.accounting import ACCOUNTING_DIR, AccountingLog, truncate_accounting, truncate_records
+from protocol.signals import StopSignals
+from trainer.data import order
 from trainer.data.batch import PackedBatch, pack
-from trainer.data.sources import FetchResult, SampleSource, add_aux_noise_
-from trainer.training.distributed import DistEnv, all_reduce_sum, barrier, is_sharded, set_gradient_sync
-from trainer.training.config import LoopConfig
-from trainer.training.optim import build_optimizers, build_schedulers
 from trainer.data.plan import BatchPlan, derive_seed
 from trainer.data.prefetch import MicroBatch, Prefetcher, fetch_micro_batches
-from trainer.training.trackers import JsonlLog, Tracker
+from trainer.data.sources import FetchResult, SampleSource, add_aux_noise_
+from trainer.training import checkpoint as ckpt
+from trainer.training.accounting import ACCOUNTING_DIR, AccountingLog, truncate_accounting, truncate_records
+from trainer.training.config import LoopConfig
+from trainer.training.distributed import DistEnv, all_reduce_sum, barrier, is_sharded, set_gradient_sync
+from trainer.training.metrics import RunLog
+from trainer.training.optim import build_optimizers, build_schedulers
+from trainer.training.trackers import Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -107,43 +108,6 @@ def make_filler_batch(*, num_layers: int, hidden_size: int, dtype: torch.dtype, 
     )
 
 
-def format_accuracies(metrics: dict[str, float]) -> str:
-    """``full_acc_0..2`` -> ``full_acc .41/.22/.10``; ``position_{d}_acc`` -> ``position_acc ...``."""
-    groups: dict[str, list[tuple[int, float]]] = {}
-    for name, value in metrics.items():
-        if "acc" not in name:
-            continue
-        match = re.search(r"_(\d+)", name)
-        key = name if match is None else name[: match.start()] + name[match.end() :]
-        groups.setdefault(key, []).append((int(match.group(1)) if match else 0, value))
-    return " ".join(f"{k} " + "/".join(f"{v:.3f}" for _, v in sorted(vals)) for k, vals in sorted(groups.items()))
-
-
-class GracefulStop:
-    """SIGINT/SIGTERM handlers that only record the signal; a second SIGINT aborts at once."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def _handler(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        logger.warning("received %s: stopping after this step and writing a checkpoint", signal.Signals(signum).name)
-
-    def __enter__(self) -> GracefulStop:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._previous[s] = signal.signal(s, self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-        self._previous.clear()
-
-
 # --------------------------------------------------------------------------------------------
 # The trainer
 
@@ -180,7 +144,7 @@ class Trainer:
         self.run_config = dict(run_config or {})
         self.save_path = Path(config.save_path)
         self.device = env.device
-        self.bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
+        self.bf16 = config.bf16(self.device)
         self.logical_world = env.world_size * config.grad_accum_steps
         self.logical_ranks = [env.rank * config.grad_accum_steps + m for m in range(config.grad_accum_steps)]
 
@@ -215,13 +179,11 @@ class Trainer:
         self.train_loss_history: dict[int, float] = {}
         self.best_epoch: int | None = None
         self._epoch_loss = [0.0, 0.0]  # sum(loss * n), sum(n) of the current epoch
-        self.stop = GracefulStop()
+        self.stop = StopSignals("stopping after this step and writing a checkpoint")
         self._accounting = AccountingLog(self.save_path / ACCOUNTING_DIR / f"rank{env.rank}.jsonl")
-        self._log = JsonlLog(self.save_path / "train_log.jsonl" if env.is_main else None)
-        self._tracker: Tracker | None = None
+        self._log = RunLog(path=self.save_path / "train_log.jsonl" if env.is_main else None, source=train_source,
+                           log_every=config.log_every, total_steps=self.total_steps)  # fmt: skip
         self._scheduled: set[int] = set()  # epochs already announced to a streaming source
-        self._window: dict[str, float] = {}
-        self._reset_window()
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -276,8 +238,8 @@ class Trainer:
         barrier(self.env)
         if self.env.is_main:
             dropped = truncate_accounting(self.save_path, self.global_step)
-            truncate_records(self._log.path, self.global_step)
-            self._log.reopen()
+            truncate_records(self._log.jsonl.path, self.global_step)
+            self._log.jsonl.reopen()
             if dropped:
                 logger.warning("dropped %d accounting records past global step %d (work done after the checkpoint)",
                                dropped, self.global_step)  # fmt: skip
@@ -331,7 +293,7 @@ class Trainer:
                 local_n += float(n)
                 local_loss += float(out.loss.detach()) * float(n)
             local_tokens += batch.num_tokens if real else 0
-        head = torch.tensor([local_n, local_loss, local_tokens, float(self.stop.signum is not None)],
+        head = torch.tensor([local_n, local_loss, local_tokens, float(self.stop.requested)],
                             dtype=torch.float64, device=self.device)  # fmt: skip
         sums = all_reduce_sum(torch.cat([head, metric_sums]), self.env)
         total_n, total_loss, total_tokens, stops = sums[:4].tolist()
@@ -368,11 +330,10 @@ class Trainer:
         self.model.eval()
         sums: torch.Tensor | None = None
         names: list[str] = []
-        for step in range(self.val_plan.num_steps):
-            ids = self.val_plan.batches_for(self.env.rank, step)
+        for step, [(_, ids)] in order.val_steps(self.val_plan, self.env.rank):
             fetched = self.val_source.fetch(ids) if ids else FetchResult(samples=[])
             real = bool(fetched.samples)
-            batch = pack(fetched.samples, self.config.total_seq_len).to(self.device) if real else self.filler.to(self.device)
+            batch = pack(fetched.samples, self.val_plan.total_seq_len).to(self.device) if real else self.filler.to(self.device)
             out = self._forward(batch, self._generator("val", step, self.env.rank))
             n = float(out.num_loss_tokens) if real else 0.0
             if sums is None:
@@ -386,72 +347,6 @@ class Trainer:
         sums = all_reduce_sum(sums, self.env).tolist()
         denom = max(sums[0], 1.0)
         return {"val_loss": sums[1] / denom, **{f"val_{k}": v / denom for k, v in zip(names, sums[2:])}}
-
-    # ---- logging --------------------------------------------------------------------------------
-
-    def _stream_figures(self, r: StepResult) -> dict[str, float]:
-        """Stall % over the log window, and a streaming source's rates, fill and leases."""
-        w = self._window
-        w["wait"] += r.data_wait_s
-        w["wall"] += r.wall_s
-        w["samples"] += r.num_samples
-        figures = {"data_wait_s": r.data_wait_s, "stall_pct": 100.0 * w["wait"] / w["wall"] if w["wall"] > 0 else 0.0}
-        snap = self.train_source.snapshot()
-        if snap is not None:
-            dt = w["wall"] or 1e-9
-            figures.update(
-                samples_in_per_s=(snap["samples_in"] - w["samples_in"]) / dt,
-                samples_out_per_s=w["samples"] / dt,
-                gb_in_per_s=(snap["bytes_in"] - w["bytes_in"]) / dt / 1e9,
-                buffer_fill=snap["buffer_fill"],
-                leases_outstanding=snap["leases_outstanding"],
-                leases_expired=snap["leases_expired"],
-                producers=snap["producers"],
-            )
-            w["next_samples_in"], w["next_bytes_in"] = snap["samples_in"], snap["bytes_in"]
-        return figures
-
-    def _reset_window(self) -> None:
-        w = self._window
-        w.update(wait=0.0, wall=0.0, samples=0, samples_in=w.get("next_samples_in", 0.0), bytes_in=w.get("next_bytes_in", 0.0))
-
-    def _log_step(self, r: StepResult, bar) -> None:
-        cfg = self.config
-        tokens_per_s = r.num_tokens / r.seconds if r.seconds > 0 else 0.0
-        figures = self._stream_figures(r)
-        record = {"kind": "train", "epoch": r.epoch, "step": r.step, "global_step": r.global_step, "loss": r.loss,
-                  **r.metrics, "lr": r.lr, "grad_norm": r.grad_norm, "num_tokens": r.num_tokens,
-                  "num_loss_tokens": r.num_loss_tokens, "tokens_per_s": tokens_per_s, "step_wall_s": r.wall_s,
-                  **figures}  # fmt: skip
-        self._log.write(record)
-        if self._tracker is not None:
-            self._tracker.log({f"train/{k}": v for k, v in record.items() if k not in ("kind", "epoch", "step")}, r.global_step)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{r.loss:.4f}", refresh=False)
-        if r.global_step % cfg.log_every == 0 or r.global_step == self.total_steps:
-            accs = format_accuracies(r.metrics)
-            stream = ""
-            if "samples_in_per_s" in figures:
-                stream = (
-                    f" | in {figures['samples_in_per_s']:.1f}/s out {figures['samples_out_per_s']:.1f}/s "
-                    f"{figures['gb_in_per_s']:.3f} GB/s buf {100 * figures['buffer_fill']:.0f}% "
-                    f"leases {figures['leases_outstanding']:.0f} (expired {figures['leases_expired']:.0f}) "
-                    f"producers {figures['producers']:.0f}"
-                )
-            logger.info(
-                "epoch %d step %d/%d (global %d/%d) loss %.4f | %s | lr %.3e gnorm %.3f | %.0f tok/s | stall %.1f%%%s",
-                r.epoch, r.step + 1, self.plans[r.epoch].num_steps, r.global_step, self.total_steps, r.loss, accs,
-                r.lr, r.grad_norm, tokens_per_s, figures["stall_pct"], stream,
-            )  # fmt: skip
-            self._reset_window()
-
-    def _log_val(self, epoch: int, values: dict[str, float]) -> None:
-        self._log.write({"kind": "val", "epoch": epoch, "global_step": self.global_step, **values})
-        if self._tracker is not None:
-            self._tracker.log({k.replace("val_", "val/", 1): v for k, v in values.items()}, self.global_step)
-        accs = format_accuracies({k[4:]: v for k, v in values.items()})
-        logger.info("epoch %d validation: loss %.4f | %s", epoch, values["val_loss"], accs)
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
@@ -473,7 +368,7 @@ class Trainer:
             self.train_loss_history[epoch] = self._epoch_loss[0] / self._epoch_loss[1]
         if values is not None:
             self.val_history[epoch] = values["val_loss"]
-            self._log_val(epoch, values)
+            self._log.val(epoch, self.global_step, values)
         score = self.val_history if self.val_history else self.train_loss_history
         path = None
         last = epoch == self.config.epochs - 1
@@ -495,16 +390,14 @@ class Trainer:
 
     def fetch_step(self, epoch: int, step: int) -> list[MicroBatch]:
         """This process's micro-batches of (epoch, step), fetched and packed synchronously."""
-        return fetch_micro_batches(self.plans[epoch], self.train_source, self.logical_ranks, step,
-                                   total_seq_len=self.config.total_seq_len)  # fmt: skip
+        return fetch_micro_batches(self.plans[epoch], self.train_source, self.logical_ranks, step)
 
     def _run_epoch(self, epoch: int, plan: BatchPlan, bar) -> FitResult | None:
         """Steps from the cursor to the end of the epoch (or --max-steps); a FitResult if a stop
         signal ended it."""
         cfg = self.config
         prefetch = Prefetcher(plan=plan, source=self.train_source, logical_ranks=self.logical_ranks,
-                               start_step=self.step_in_epoch, total_seq_len=cfg.total_seq_len,
-                               depth=cfg.prefetch_depth, pin=self.device.type == "cuda")  # fmt: skip
+                               start_step=self.step_in_epoch, depth=cfg.prefetch_depth, pin=self.device.type == "cuda")  # fmt: skip
         waited, last_end = prefetch.wait_seconds, time.perf_counter()
         try:
             for step, micros in prefetch:
@@ -525,7 +418,7 @@ class Trainer:
                         sample_ids=[s.sample_id for s in micro.fetched.samples], skipped=micro.fetched.skipped,
                     )  # fmt: skip
                 self._accounting.flush()
-                self._log_step(result, bar)
+                self._log.step(result, bar, steps_in_epoch=plan.num_steps)
                 if result.stop_requested:
                     path = self.save(ckpt.MID_EPOCH_NAME)
                     signum = self.stop.signum or signal.SIGTERM
@@ -555,14 +448,14 @@ class Trainer:
             if epoch > self.epoch and budget <= 0:
                 return  # the run ends before this epoch
             end = min(end, start + max(0, budget))
-        ids = [sid for step in range(start, end) for lr in self.logical_ranks for sid in plan.batches_for(lr, step)]
-        if self.val_plan is not None and self.val_source is self.train_source:
-            ids += [sid for step in range(self.val_plan.num_steps) for sid in self.val_plan.batches_for(self.env.rank, step)]
+        val_plan = self.val_plan if self.val_source is self.train_source else None
+        ids = order.fetch_order(plan, self.logical_ranks, start_step=start, end_step=end, val_plan=val_plan,
+                                val_rank=self.env.rank)  # fmt: skip
         self.train_source.schedule(epoch, ids)
 
     def fit(self) -> FitResult:
         cfg = self.config
-        self._tracker = Tracker(cfg, self.env, self.run_config)
+        self._log.tracker = Tracker(cfg, self.env, self.run_config)
         bar = None
         if cfg.progress and self.env.is_main:
             from tqdm.auto import tqdm
@@ -604,6 +497,3 @@ class Trainer:
     def close(self) -> None:
         self._accounting.close()
         self._log.close()
-        if self._tracker is not None:
-            self._tracker.close()
-            self._tracker = None

@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer.training.distributed import DistEnv
-
 from trainer.training.config import LoopConfig
+from trainer.training.distributed import DistEnv
 
 
 class JsonlLog:

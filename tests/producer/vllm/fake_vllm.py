@@ -17,8 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from producer.vllm.sender import HostCopy, HSSender, SenderConfig, SendJob
 from producer.vllm.params import PARAMS_KEY, SampleRoute
+from producer.vllm.sender import HostCopy, HSSender, SenderConfig, SendJob
 
 
 def fake_hidden(prompt: list[int], num_layers: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:

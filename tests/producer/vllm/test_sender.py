@@ -12,10 +12,10 @@ import zmq
 from hypothesis import given
 from hypothesis import strategies as st
 
-from producer.vllm.sender import HostCopier, HostCopy, HSSender, SenderConfig, SendJob, gather_rows
 from producer.vllm.params import PARAMS_KEY, SampleRoute, loss_mask_spans, spans_to_loss_mask
+from producer.vllm.sender import HostCopier, HostCopy, HSSender, SenderConfig, SendJob, gather_rows
 from protocol.hsfile import hs_path, read_hs_file
-from protocol.messages import LeaseDone, LeaseFailed, Sample
+from protocol.messages import Delivered, Sample
 from protocol.sockets import SocketConfig, make_socket, recv_message
 
 L, H = 3, 8
@@ -132,7 +132,7 @@ def test_sender_pushes_a_sample_the_trainer_decodes_and_reports_done(zmq_ctx, tm
     assert torch.equal(sample.loss_mask, r.loss_mask())
     assert torch.equal(sample.hidden_states, sent.copy.hidden_TLH)
     report = receive(reports)
-    assert isinstance(report, LeaseDone) and (report.lease_id, report.num_samples) == (12, 1)
+    assert isinstance(report, Delivered) and (report.ticket, report.sample_id, report.ok, report.reason) == (12, 3, True, "")
     sender.close()
     sender.close()  # idempotent
     assert (sender.stats.sent, sender.stats.failed) == (1, 0)
@@ -150,10 +150,10 @@ def test_spill_writes_hs_files_only_under_the_allowed_directories(zmq_ctx, tmp_p
     outcomes = {}
     for _ in range(3):
         report = receive(reports)
-        outcomes[report.lease_id] = report
-    assert isinstance(outcomes[1], LeaseDone)
-    assert isinstance(outcomes[2], LeaseFailed) and "spill_dirs" in outcomes[2].reason
-    assert isinstance(outcomes[3], LeaseFailed) and outcomes[3].sample_ids == [22] and "NaN or Inf" in outcomes[3].reason
+        outcomes[report.ticket] = report
+    assert isinstance(outcomes[1], Delivered) and outcomes[1].ok and outcomes[1].sample_id == 21
+    assert isinstance(outcomes[2], Delivered) and not outcomes[2].ok and "spill_dirs" in outcomes[2].reason
+    assert isinstance(outcomes[3], Delivered) and not outcomes[3].ok and outcomes[3].sample_id == 22 and "NaN or Inf" in outcomes[3].reason
     token_ids, hidden_TLH = read_hs_file(hs_path(tmp_path / "allowed" / "run", 21), expected_token_ids=good.token_ids)
     assert torch.equal(hidden_TLH, good.copy.hidden_TLH)
     assert not (tmp_path / "elsewhere").exists() and not hs_path(tmp_path / "allowed" / "run", 22).exists()
@@ -166,7 +166,7 @@ def test_a_trainer_that_takes_no_data_is_reported_failed_not_waited_for(zmq_ctx,
     sender = HSSender(config)
     for i in range(3):  # nobody listens: one message fits the pipe, the next ones time out
         sender.submit(job(route(destination=f"ipc://{tmp_path}/nobody.sock", sample_id=i, report=f"ipc://{tmp_path}/report.sock", ticket=i)))
-    failed = [r for r in (receive(reports) for _ in range(3)) if isinstance(r, LeaseFailed)]
+    failed = [r for r in (receive(reports) for _ in range(3)) if isinstance(r, Delivered) and not r.ok]
     assert failed and all("took no data" in r.reason for r in failed)
     sender.close(timeout=5)
     assert sender.stats.failed == len(failed)

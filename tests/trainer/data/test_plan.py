@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from trainer.data import order
 from trainer.data.plan import BatchPlan, derive_seed
 
 
@@ -38,13 +39,13 @@ def test_unshuffled_plan_keeps_the_given_order():
 
 def test_every_sample_appears_exactly_once_per_epoch():
     plan = _plan(LENGTHS, world_size=3)
-    seen = collections.Counter(sid for r in range(3) for sid in plan.sample_ids_for(r))
+    seen = collections.Counter(sid for r in range(3) for sid in order.sample_ids(order.train_steps(plan, [r])))
     assert seen == collections.Counter(range(len(LENGTHS)))
 
 
 def test_every_rank_gets_the_same_number_of_steps():
     plan = _plan(LENGTHS, world_size=3)
-    per_rank = [len(list(plan.iter_steps(r))) for r in range(3)]
+    per_rank = [len(list(order.train_steps(plan, [r]))) for r in range(3)]
     assert per_rank == [plan.num_steps] * 3
     assert plan.num_steps == -(-plan.num_batches // 3)
 
@@ -71,10 +72,10 @@ def test_an_over_long_sample_fills_a_batch_alone():
 
 def test_cursor_iteration_resumes_where_it_stopped():
     plan = _plan(LENGTHS, world_size=2, total_seq_len=90)
-    full = plan.sample_ids_for(1)
+    full = order.sample_ids(order.train_steps(plan, [1]))
     head = [sid for step in range(3) for sid in plan.batches_for(1, step)]
-    assert head + plan.sample_ids_for(1, start_step=3) == full
-    assert [s for s, _ in plan.iter_steps(0, start_step=2)] == list(range(2, plan.num_steps))
+    assert head + order.sample_ids(order.train_steps(plan, [1], start_step=3)) == full
+    assert [s for s, _ in order.train_steps(plan, [0], start_step=2)] == list(range(2, plan.num_steps))
 
 
 def test_logical_ranks_of_a_bigger_world_cover_the_same_batches():
@@ -119,9 +120,9 @@ def test_derived_seeds_are_stable_and_distinct():
 )
 def test_plan_invariants_hold_for_any_input(lengths, world_size, total_seq_len, seed, epoch):
     plan = _plan(lengths, world_size=world_size, total_seq_len=total_seq_len, seed=seed, epoch=epoch)
-    seen = collections.Counter(sid for r in range(world_size) for sid in plan.sample_ids_for(r))
+    seen = collections.Counter(sid for r in range(world_size) for sid in order.sample_ids(order.train_steps(plan, [r])))
     assert seen == collections.Counter(range(len(lengths)))
-    assert all(len(list(plan.iter_steps(r))) == plan.num_steps for r in range(world_size))
+    assert all(len(list(order.train_steps(plan, [r]))) == plan.num_steps for r in range(world_size))
     assert all(0 < t <= total_seq_len for t in plan.batch_tokens)
     # Greedy packing: a batch closes only when the next sample would not fit.
     for b, nxt in zip(plan.batches, plan.batches[1:]):

@@ -13,9 +13,10 @@ import time
 import pytest
 import torch
 
-from producer.backend import CaptureRow, TargetInfo
+from producer.backend import CaptureRow
 from producer.stream_client import StreamClientConfig, StreamProducer
 from protocol.messages import Sample
+from protocol.target import TargetSpec
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
@@ -27,7 +28,9 @@ TRAINER = textwrap.dedent(
     """
     import json, sys, time
     import torch
-    from trainer.stream.source import StreamConfig, StreamSampleSource, TargetSpec
+    from protocol.target import TargetSpec
+    from trainer.stream.config import StreamConfig
+    from trainer.stream.source import StreamSampleSource
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -54,8 +57,8 @@ TRAINER = textwrap.dedent(
 class FakeBackend:
     """Big synthetic captures, instantly: the producer is never the bottleneck."""
 
-    def describe(self) -> TargetInfo:
-        return TargetInfo(target_model="fake", layer_ids=[2, 4, 5, 8], hidden_size=HIDDEN, dtype="float32", vocab_size=1000, num_layers=8)
+    def describe(self) -> TargetSpec:
+        return TargetSpec(target_model="fake", layer_ids=[2, 4, 5, 8], hidden_size=HIDDEN, dtype="float32", vocab_size=1000)
 
     def capture(self, rows, *, epoch=0, lease_id=0):
         for row in rows:

@@ -14,11 +14,12 @@ from producer.backend import CaptureRow
 from producer.capture import CaptureConfig, HFCapture
 from producer.stream_client import StreamClientConfig, StreamProducer
 from protocol.codec import FramedTensor
-from protocol.target import sample_nbytes
 from protocol.messages import Grant, Hello
 from protocol.sockets import SocketConfig, make_socket, recv_message, send_message
+from protocol.target import TargetSpec, sample_nbytes
 from trainer.data.batch import pack
-from trainer.stream.source import StreamConfig, StreamSampleSource, TargetSpec
+from trainer.stream.config import StreamConfig
+from trainer.stream.source import StreamSampleSource
 
 NUM_ROWS = 12
 

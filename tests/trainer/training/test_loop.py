@@ -12,13 +12,13 @@ import threading
 import pytest
 import torch
 
-from trainer.training import checkpoint as ckpt
-from trainer.training.accounting import read_accounting, trained_counts
 from trainer.data.sources import InMemorySampleSource, SampleSource
-from trainer.training.distributed import DistEnv
 from trainer.models.config import DraftConfig
 from trainer.models.export import build_draft, load_draft, save_draft
+from trainer.training import checkpoint as ckpt
+from trainer.training.accounting import read_accounting, trained_counts
 from trainer.training.config import LoopConfig
+from trainer.training.distributed import DistEnv
 from trainer.training.loop import Trainer, make_filler_batch
 from trainer.training.optim import lr_factor
 
@@ -41,7 +41,7 @@ def _model(verifier, seed=0, speculator_type="eagle3"):
 
 def _trainer(model, samples, save_path, *, val=(), **overrides):
     kw = dict(save_path=str(save_path), epochs=1, lr=1e-3, total_seq_len=80, seed=3, scheduler_type="none",
-              progress=False, log_every=1000)  # fmt: skip
+              progress=False, log_every=1000, noise_std=0.0)  # fmt: skip
     kw.update(overrides)
     source = InMemorySampleSource(samples)
     return Trainer(

@@ -10,8 +10,8 @@ import pytest
 
 from tests.trainer.offline_data import offline_dataset  # noqa: F401 - fixture
 from tests.trainer.resume_harness import run_resume_test
-from trainer.data.sources import PreparedDataset, split_train_val
 from trainer.data.plan import BatchPlan
+from trainer.data.sources import PreparedDataset, split_train_val
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 

@@ -1,0 +1,67 @@
+"""``draftstream produce --connect ENDPOINT...``: serve trainer ranks' grants from a prepared dataset.
+
+The target runs in the backend ``--backend`` names (``producer.run_config.make_backend``); the
+``Hello`` announces its ``TargetSpec`` with the prepared dataset's fingerprint, so a trainer rank
+refuses a producer that reads other rows; ``producer.stream_client.StreamProducer`` does the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+
+from producer.backend import CaptureRow
+from producer.run_config import ProduceConfig, captured_layout, make_backend
+from producer.stream_client import StreamClientConfig, StreamProducer
+from protocol.dataset import PreparedDataset
+from protocol.sockets import CurveKeys, SocketConfig
+
+log = logging.getLogger(__name__)
+
+
+def stream(config: ProduceConfig, *, stop: threading.Event | None = None) -> int:
+    """Streaming run: serve the trainer ranks' grants until they end the stream; returns an exit code."""
+    if bool(config.curve_secret_key) != bool(config.curve_server_key):
+        raise ValueError("CURVE needs both --curve-secret-key (this producer's) and --curve-server-key (the trainer's public key)")
+
+    data = PreparedDataset(config.data, flag="--data")
+    layer_ids, _ = captured_layout(config)
+    backend = make_backend(config, layer_ids=layer_ids)
+    spec = dataclasses.replace(backend.describe(), dataset_fingerprint=data.fingerprint)
+    log.info("target: %s", spec)
+
+    def row(sample_id: int) -> CaptureRow:
+        if not 0 <= sample_id < len(data):
+            raise ValueError(f"granted sample {sample_id} is outside the prepared dataset of {len(data)} rows")
+        return CaptureRow(sample_id, *data.row(sample_id))
+
+    client = StreamProducer(
+        StreamClientConfig(
+            producer_id=config.producer_id or f"producer-{socket.gethostname()}-{os.getpid()}",
+            connect=list(config.connect or []),
+            num_ranks=config.num_ranks,
+            max_batch_tokens=config.max_batch_tokens,
+            handshake_timeout_seconds=config.handshake_timeout,
+            socket=SocketConfig(
+                sndhwm=8,
+                rcvhwm=64,
+                curve=CurveKeys(secret_file=Path(config.curve_secret_key), server_public_file=Path(config.curve_server_key))
+                if config.curve_secret_key
+                else None,
+            ),
+        ),
+        backend,
+        row,
+        spec=spec,
+        stop=stop,
+    )
+    try:
+        report = client.run()
+    finally:
+        backend.close()
+    log.info("streamed %d samples (%.2f GB) in %d leases; %d samples failed", report.samples, report.bytes / 1e9, report.leases, report.failed_samples)
+    return report.exit_code

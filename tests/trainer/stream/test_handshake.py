@@ -1,0 +1,44 @@
+"""The handshake's rules, without sockets: a Hello checked against this rank's TargetSpec, and the replies
+(tests/trainer/stream/test_source.py runs them over real sockets)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from protocol.messages import PROTOCOL_VERSION, Hello, ProtocolVersionError
+from protocol.target import TargetSpec
+from trainer.stream.handshake import advertised_data_endpoint, hello_mismatch, refusal, version_refusal, welcome
+
+SPEC = TargetSpec(target_model="/models/Llama-3.1-8B", layer_ids=[2, 16, 29, 32], hidden_size=4096, dtype="bfloat16",
+                  vocab_size=128256, dataset_fingerprint="abc")  # fmt: skip
+
+
+def hello(**override) -> Hello:
+    return Hello(producer_id="p0", **{**dataclasses.asdict(SPEC), **override})
+
+
+def test_a_matching_hello_passes_whatever_the_model_path():
+    assert hello_mismatch(SPEC, hello(target_model="meta-llama/Llama-3.1-8B")) == ""
+    assert hello_mismatch(SPEC, hello(dataset_fingerprint="")) == ""  # unknown: not checked
+
+
+def test_a_mismatching_hello_names_every_difference_and_the_flag():
+    problem = hello_mismatch(SPEC, hello(layer_ids=[1, 2, 3, 32], hidden_size=2048, dataset_fingerprint="xyz"))
+    assert "layer ids" in problem and "--target-layer-ids" in problem
+    assert "hidden size 2048 != 4096" in problem
+    assert "prepared dataset xyz != abc (--data)" in problem
+
+
+def test_replies():
+    accepted = welcome(3, "tcp://h:5607")
+    assert accepted.accepted and accepted.trainer_rank == 3 and accepted.data_endpoint == "tcp://h:5607"
+    refused = refusal(1, "why")
+    assert not refused.accepted and refused.reason == "why" and refused.trainer_rank == 1
+    old = version_refusal(0, ProtocolVersionError(PROTOCOL_VERSION + 1))
+    assert not old.accepted and "protocol version" in old.reason and f"speak {PROTOCOL_VERSION}" in old.reason
+
+
+def test_a_wildcard_tcp_bind_is_advertised_under_the_given_host():
+    assert advertised_data_endpoint("tcp://0.0.0.0:5601", "node7") == "tcp://node7:5601"
+    assert advertised_data_endpoint("tcp://0.0.0.0:5601", None) == "tcp://0.0.0.0:5601"
+    assert advertised_data_endpoint("ipc:///run/s/rank0-data.sock", "node7") == "ipc:///run/s/rank0-data.sock"

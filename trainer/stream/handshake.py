@@ -1,0 +1,37 @@
+"""The handshake on a rank's control socket: a producer's ``Hello`` checked against this rank's
+``protocol.target.TargetSpec`` (the one description both sides share), and the ``Welcome`` that
+accepts it or says why not. Pure functions: the IO thread (``trainer.stream.wire``) sends them.
+"""
+
+from __future__ import annotations
+
+from protocol.messages import PROTOCOL_VERSION, Hello, ProtocolVersionError, Welcome
+from protocol.target import TargetSpec
+
+
+def hello_mismatch(target: TargetSpec, hello: Hello) -> str:
+    """Why the producer saying ``hello`` cannot feed a rank expecting ``target`` ("" if it can)."""
+    return target.mismatch(TargetSpec.from_hello(hello))
+
+
+def welcome(rank: int, data_endpoint: str) -> Welcome:
+    """Accepted: push samples to ``data_endpoint``."""
+    return Welcome(accepted=True, trainer_rank=rank, data_endpoint=data_endpoint)
+
+
+def refusal(rank: int, reason: str) -> Welcome:
+    return Welcome(accepted=False, reason=reason, trainer_rank=rank)
+
+
+def version_refusal(rank: int, error: ProtocolVersionError) -> Welcome:
+    """A producer speaking another protocol version: refused, saying how to fix it."""
+    return refusal(rank, f"{error}; upgrade draftstream so both sides speak {PROTOCOL_VERSION}")
+
+
+def advertised_data_endpoint(data_endpoint: str, advertise_host: str | None) -> str:
+    """The data endpoint as producers should dial it: a tcp endpoint bound on 0.0.0.0 is
+    advertised under ``advertise_host`` (--advertise-host), same port."""
+    if advertise_host and data_endpoint.startswith("tcp://"):
+        port = data_endpoint.rsplit(":", 1)[1]
+        return f"tcp://{advertise_host}:{port}"
+    return data_endpoint

@@ -1,0 +1,2 @@
+"""The training loop and its components: config, loop, optimizers and schedulers, metrics and
+trackers, checkpoints, sample accounting and the process group."""
