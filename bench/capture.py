@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="draftstream bench capture", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="existing target to measure (default: a tiny Llama built here)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bfloat16 on CUDA, else float32)")
+    parser.add_argument(
+        "--dtype", default=None, help="float32 / bfloat16 / float16 (default: bfloat16 on CUDA, else float32)"
+    )
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--num-layers", type=int, default=8)
     parser.add_argument("--intermediate-size", type=int, default=512)
@@ -43,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1, help="repeats run first and not counted")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU: less noise on shared cores)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU: less noise on shared cores)"
+    )
     return parser
 
 
@@ -56,7 +60,9 @@ def run(args: argparse.Namespace, model_path: str) -> dict:
     from producer.backend import CaptureRow, plan_batches
     from producer.capture import CaptureConfig, HFCapture, collate
 
-    config = CaptureConfig(model=model_path, dtype=args.dtype, device=args.device, max_batch_tokens=args.max_batch_tokens)
+    config = CaptureConfig(
+        model=model_path, dtype=args.dtype, device=args.device, max_batch_tokens=args.max_batch_tokens
+    )
     probe = HFCapture(config)  # loads the model once; the bare forward shares it
     model, device, info = probe.model, probe.device, probe.describe()
     probe.close()
@@ -74,7 +80,11 @@ def run(args: argparse.Namespace, model_path: str) -> dict:
     @torch.no_grad()
     def bare(i: int) -> None:
         ids_BS, mask_BS = inputs[i]
-        decoder(input_ids=ids_BS.to(device, non_blocking=True), attention_mask=mask_BS.to(device, non_blocking=True), use_cache=False)
+        decoder(
+            input_ids=ids_BS.to(device, non_blocking=True),
+            attention_mask=mask_BS.to(device, non_blocking=True),
+            use_cache=False,
+        )
 
     def capture(i: int) -> None:
         for _ in backend.capture(plan[i]):
@@ -172,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"{'one pass':<14}{'median ms':>11}{'min ms':>10}{'tokens/s':>11}")
     for name, key in (("bare forward", "bare"), ("HFCapture", "capture")):
-        row = f"{result[key + '_pass_ms']:>11.1f}{result[key + '_pass_ms_min']:>10.1f}{result[key + '_tokens_per_s']:>11}"
+        row = (
+            f"{result[key + '_pass_ms']:>11.1f}{result[key + '_pass_ms_min']:>10.1f}{result[key + '_tokens_per_s']:>11}"
+        )
         print(f"{name:<14}{row}")
     verdict = "within" if result["within_target"] else "OVER"
     print(

@@ -54,8 +54,19 @@ def _free_port() -> int:
 
 
 def train_flags(epochs: int) -> list[str]:
-    return ["--epochs", str(epochs), "--lr", "3e-3", "--total-seq-len", str(TOTAL_SEQ_LEN), "--draft-vocab-size",
-            str(DRAFT_VOCAB), "--log-every", "5", "--no-progress"]  # fmt: skip
+    return [
+        "--epochs",
+        str(epochs),
+        "--lr",
+        "3e-3",
+        "--total-seq-len",
+        str(TOTAL_SEQ_LEN),
+        "--draft-vocab-size",
+        str(DRAFT_VOCAB),
+        "--log-every",
+        "5",
+        "--no-progress",
+    ]
 
 
 def steady_figures(save: Path) -> dict:
@@ -74,29 +85,59 @@ def steady_figures(save: Path) -> dict:
     samples = sum(len(a["sample_ids"]) for a in accounting if a["global_step"] != first)
     all_samples = sum(len(a["sample_ids"]) for a in accounting)
     wait = sum(r.get("data_wait_s", 0.0) for r in steady)
-    return {"steps": len(steps), "steady_steps": len(steady), "steady_s": wall, "samples": all_samples,
-            "steady_samples": samples, "samples_per_s": samples / wall if wall > 0 else None,
-            "tokens_per_s": sum(int(r["num_tokens"]) for r in steady) / wall if wall > 0 else None,
-            "stall_pct": 100.0 * wait / wall if wall > 0 else None, "first_step_s": steps[0]["step_wall_s"]}  # fmt: skip
+    return {
+        "steps": len(steps),
+        "steady_steps": len(steady),
+        "steady_s": wall,
+        "samples": all_samples,
+        "steady_samples": samples,
+        "samples_per_s": samples / wall if wall > 0 else None,
+        "tokens_per_s": sum(int(r["num_tokens"]) for r in steady) / wall if wall > 0 else None,
+        "stall_pct": 100.0 * wait / wall if wall > 0 else None,
+        "first_step_s": steps[0]["step_wall_s"],
+    }
 
 
 def run_point(model: Path, data: Path, work: Path, *, producers: int, ranks: int, epochs: int) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     save = work / "save"
-    cmd = cli("run", "--model", str(model), "--data", str(data), "--save-path", str(save), "--num-producers",
-               str(producers), "--nproc-per-node", str(ranks), "--stream-endpoint", f"tcp://127.0.0.1:{_free_port()}",
-               "--", *train_flags(epochs))  # fmt: skip
+    cmd = cli(
+        "run",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--save-path",
+        str(save),
+        "--num-producers",
+        str(producers),
+        "--nproc-per-node",
+        str(ranks),
+        "--stream-endpoint",
+        f"tcp://127.0.0.1:{_free_port()}",
+        "--",
+        *train_flags(epochs),
+    )
     group = run_group({"run": cmd}, work / "logs", watch=save / "train_log.jsonl")
-    return {"producers": producers, "ranks": ranks, "wall_s": group.wall_s, "other_cpu_s": group.other_cpu_s,
-            **steady_figures(save)}  # fmt: skip
+    return {
+        "producers": producers,
+        "ranks": ranks,
+        "wall_s": group.wall_s,
+        "other_cpu_s": group.other_cpu_s,
+        **steady_figures(save),
+    }
 
 
 def print_table(result: dict) -> None:
     r = result["regime"]
-    print(f"fanout: {r['num_conversations']} conversations x {r['epochs']} epochs, total-seq-len {r['total_seq_len']}, "
-          f"loopback tcp, {r['cpus']} vCPUs, OMP_NUM_THREADS=1 (CPU contention, not GPU scaling)")  # fmt: skip
-    header = (f"{'series':<11}{'P':>3}{'R':>3}{'samples/s':>11}{'vs 1':>7}{'tokens/s':>10}{'stall %':>9}"
-              f"{'steady s':>10}{'samples':>9}{'wall s':>8}{'other CPU s':>13}")  # fmt: skip
+    print(
+        f"fanout: {r['num_conversations']} conversations x {r['epochs']} epochs, total-seq-len {r['total_seq_len']}, "
+        f"loopback tcp, {r['cpus']} vCPUs, OMP_NUM_THREADS=1 (CPU contention, not GPU scaling)"
+    )
+    header = (
+        f"{'series':<11}{'P':>3}{'R':>3}{'samples/s':>11}{'vs 1':>7}{'tokens/s':>10}{'stall %':>9}"
+        f"{'steady s':>10}{'samples':>9}{'wall s':>8}{'other CPU s':>13}"
+    )
     print(header)
     print("-" * len(header))
     for series in ("ranks", "producers"):
@@ -104,11 +145,17 @@ def print_table(result: dict) -> None:
         base = points[0]["samples_per_s"]
         for p in points:
             rel = p["samples_per_s"] / base if base else float("nan")
-            print(f"{series:<11}{p['producers']:>3}{p['ranks']:>3}{p['samples_per_s']:>11.1f}{rel:>7.2f}"
-                  f"{p['tokens_per_s']:>10.0f}{p['stall_pct']:>9.1f}{p['steady_s']:>10.2f}{p['steady_samples']:>9}"
-                  f"{p['wall_s']:>8.1f}{p['other_cpu_s']:>13.1f}")  # fmt: skip
-    busy = [f"P={p['producers']} R={p['ranks']}" for s in result["series"].values() for p in s
-            if p["other_cpu_s"] > 0.1 * p["wall_s"]]  # fmt: skip
+            print(
+                f"{series:<11}{p['producers']:>3}{p['ranks']:>3}{p['samples_per_s']:>11.1f}{rel:>7.2f}"
+                f"{p['tokens_per_s']:>10.0f}{p['stall_pct']:>9.1f}{p['steady_s']:>10.2f}{p['steady_samples']:>9}"
+                f"{p['wall_s']:>8.1f}{p['other_cpu_s']:>13.1f}"
+            )
+    busy = [
+        f"P={p['producers']} R={p['ranks']}"
+        for s in result["series"].values()
+        for p in s
+        if p["other_cpu_s"] > 0.1 * p["wall_s"]
+    ]
     if busy:
         print(f"WARNING: other processes used > 10% of a core during {', '.join(sorted(set(busy)))}; figures disturbed")
     print(f"plot: {result['plot']}" if result["plot"] else f"plot: none ({result['plot_note']})")
@@ -119,8 +166,10 @@ def plot(result: dict, out: Path) -> Path | None:
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for series, key, label in (("ranks", "ranks", "1 producer -> R trainer ranks"),
-                               ("producers", "producers", "P producers -> 1 trainer rank")):  # fmt: skip
+    for series, key, label in (
+        ("ranks", "ranks", "1 producer -> R trainer ranks"),
+        ("producers", "producers", "P producers -> 1 trainer rank"),
+    ):
         points = result["series"][series]
         ax.plot([p[key] for p in points], [p["samples_per_s"] for p in points], marker="o", label=label)
     counts = sorted({p[k] for s, k in (("ranks", "ranks"), ("producers", "producers")) for p in result["series"][s]})
@@ -130,8 +179,10 @@ def plot(result: dict, out: Path) -> Path | None:
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    ax.set_title(f"draftstream fan-out on loopback, tiny target, {os.cpu_count()} vCPUs (contention, not GPU scaling)",
-                 fontsize=9)  # fmt: skip
+    ax.set_title(
+        f"draftstream fan-out on loopback, tiny target, {os.cpu_count()} vCPUs (contention, not GPU scaling)",
+        fontsize=9,
+    )
     return save_figure(fig, out)
 
 
@@ -164,15 +215,25 @@ def main(argv: list[str] | None = None) -> int:
         wanted = [(1, r) for r in range(1, max_ranks + 1)] + [(p, 1) for p in range(2, max_producers + 1)]
         for producers, ranks in wanted:
             print(f"run: {producers} producer(s) -> {ranks} rank(s)", file=sys.stderr, flush=True)
-            points[(producers, ranks)] = run_point(model, data, root / f"p{producers}_r{ranks}", producers=producers,
-                                                   ranks=ranks, epochs=epochs)  # fmt: skip
+            points[(producers, ranks)] = run_point(
+                model, data, root / f"p{producers}_r{ranks}", producers=producers, ranks=ranks, epochs=epochs
+            )
         result = {
             "bench": "fanout",
-            "regime": {"num_conversations": num_conversations, "epochs": epochs, "total_seq_len": TOTAL_SEQ_LEN,
-                       "draft_vocab_size": DRAFT_VOCAB, "endpoint": "tcp://127.0.0.1", "cpus": os.cpu_count(),
-                       "omp_num_threads": 1, "quick": args.quick},  # fmt: skip
-            "series": {"ranks": [points[(1, r)] for r in range(1, max_ranks + 1)],
-                       "producers": [points[(p, 1)] for p in range(1, max_producers + 1)]},  # fmt: skip
+            "regime": {
+                "num_conversations": num_conversations,
+                "epochs": epochs,
+                "total_seq_len": TOTAL_SEQ_LEN,
+                "draft_vocab_size": DRAFT_VOCAB,
+                "endpoint": "tcp://127.0.0.1",
+                "cpus": os.cpu_count(),
+                "omp_num_threads": 1,
+                "quick": args.quick,
+            },
+            "series": {
+                "ranks": [points[(1, r)] for r in range(1, max_ranks + 1)],
+                "producers": [points[(p, 1)] for p in range(1, max_producers + 1)],
+            },
         }
         png = plot(result, root / "fanout.png")
         result["plot"] = str(png) if png and args.out else None

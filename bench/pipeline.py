@@ -12,7 +12,8 @@ no more than its slowest stage and writes no hidden states to disk.
                          (trainer.data.order)
     (d) trainer alone    `draftstream train` on (b)'s files, preloaded into an
                          InMemorySampleSource before training: no producer, no file reads
-    (c) and (d) are ``bench.pipeline_workers``; setup and process runs are ``bench.runs``.
+    (c) and (d) are ``bench.pipeline_workers``; setup and process runs are ``bench.runs``; the
+    medians, ratios, tables and plot are ``bench.pipeline_report``.
 
 Regime: this 2-vCPU CPU machine, every child with OMP_NUM_THREADS=1, one trainer rank; the tiny
 local target of ``draftstream make-tiny-target`` (Llama, hidden 64, 8 layers, fp32, random
@@ -70,13 +71,11 @@ import tempfile
 from pathlib import Path
 
 from bench import pipeline_workers as workers
+from bench.pipeline_report import MODES, aggregate, plot_streaming, print_report, summarize
 from bench.processes import GroupRun, cpu_capacity
-from bench.runs import DRAFT_VOCAB, SEQ_LENGTH, cli, last_json, prepare_inputs, pyplot, read_train_log, save_figure
+from bench.runs import DRAFT_VOCAB, SEQ_LENGTH, cli, last_json, prepare_inputs, read_train_log
 from bench.runs import run_group as _run_group
 
-MODES = ("streaming", "offline", "producer_alone", "trainer_alone")
-TARGET_RATIO = 1.1
-TARGET_STALL_PCT = 3.0
 SEED = 42
 VAL_RATIO = 0.1
 
@@ -108,9 +107,13 @@ def trainer_figures(train_log: Path, group: GroupRun) -> dict:
         "steps": len(steps),
         "tokens": sum(int(r["num_tokens"]) for r in steps),
         "median_compute_ms": 1e3 * statistics.median(compute) if compute else None,
-        "steady_s": None, "stall_pct": None, "stall_pct_all_steps": None, "first_step_s": None,
-        "median_step_ms": None, **timeline,
-    }  # fmt: skip
+        "steady_s": None,
+        "stall_pct": None,
+        "stall_pct_all_steps": None,
+        "first_step_s": None,
+        "median_step_ms": None,
+        **timeline,
+    }
     if all("step_wall_s" in r and "data_wait_s" in r for r in steps):
         steady = steps[1:] or steps
         wall = sum(r["step_wall_s"] for r in steady)
@@ -157,64 +160,163 @@ class Job:
 
     def train_flags(self) -> list[str]:
         # --log-every 1: the loop's stream figures (rates, buffer fill) are then per step.
-        return ["--epochs", str(self.epochs), "--lr", "3e-3", "--total-seq-len", str(self.total_seq_len),
-                "--draft-vocab-size", str(DRAFT_VOCAB), "--val-ratio", str(VAL_RATIO), "--seed", str(SEED),
-                "--log-every", "1", "--no-progress", "--no-resume-from-checkpoint"]  # fmt: skip
+        return [
+            "--epochs",
+            str(self.epochs),
+            "--lr",
+            "3e-3",
+            "--total-seq-len",
+            str(self.total_seq_len),
+            "--draft-vocab-size",
+            str(DRAFT_VOCAB),
+            "--val-ratio",
+            str(VAL_RATIO),
+            "--seed",
+            str(SEED),
+            "--log-every",
+            "1",
+            "--no-progress",
+            "--no-resume-from-checkpoint",
+        ]
 
 
 def _processes(*groups: GroupRun) -> dict[str, dict[str, float]]:
-    return {name: {"peak_rss_mib": g.peak_rss[name] / 2**20, "cpu_s": g.cpu_s[name]} for g in groups for name in g.peak_rss}
+    return {
+        name: {"peak_rss_mib": g.peak_rss[name] / 2**20, "cpu_s": g.cpu_s[name]} for g in groups for name in g.peak_rss
+    }
 
 
 def run_streaming(job: Job, work: Path) -> dict:
     save, ipc = work / "save", work / "ipc"
-    cmd = cli("run", "--model", str(job.model), "--data", str(job.data), "--save-path", str(save), "--num-producers",
-               str(job.num_producers), "--stream-endpoint", f"ipc://{ipc}", "--", *job.train_flags())  # fmt: skip
+    cmd = cli(
+        "run",
+        "--model",
+        str(job.model),
+        "--data",
+        str(job.data),
+        "--save-path",
+        str(save),
+        "--num-producers",
+        str(job.num_producers),
+        "--stream-endpoint",
+        f"ipc://{ipc}",
+        "--",
+        *job.train_flags(),
+    )
     group = run_group({"run": cmd}, work / "logs", watch=save / "train_log.jsonl")
-    return {"wall_s": group.wall_s, **trainer_figures(save / "train_log.jsonl", group), "hs_bytes": hs_bytes(save, ipc),
-            "other_bytes": tree_bytes(save), "processes": _processes(group), "other_cpu_s": group.other_cpu_s}  # fmt: skip
+    return {
+        "wall_s": group.wall_s,
+        **trainer_figures(save / "train_log.jsonl", group),
+        "hs_bytes": hs_bytes(save, ipc),
+        "other_bytes": tree_bytes(save),
+        "processes": _processes(group),
+        "other_cpu_s": group.other_cpu_s,
+    }
 
 
 def run_offline(job: Job, work: Path) -> dict:
     spill, save = work / "hidden_states", work / "save"
     produce = {
-        f"produce-{r}": cli("produce", "--model", str(job.model), "--data", str(job.data), "--spill", str(spill),
-                             "--world-size", str(job.num_producers), "--rank", str(r))
+        f"produce-{r}": cli(
+            "produce",
+            "--model",
+            str(job.model),
+            "--data",
+            str(job.data),
+            "--spill",
+            str(spill),
+            "--world-size",
+            str(job.num_producers),
+            "--rank",
+            str(r),
+        )
         for r in range(job.num_producers)
-    }  # fmt: skip
+    }
     produced = run_group(produce, work / "logs")
-    train = cli("train", "--verifier-name-or-path", str(job.model), "--data-path", str(job.data),
-                 "--hidden-states-path", str(spill), "--save-path", str(save), *job.train_flags())  # fmt: skip
+    train = cli(
+        "train",
+        "--verifier-name-or-path",
+        str(job.model),
+        "--data-path",
+        str(job.data),
+        "--hidden-states-path",
+        str(spill),
+        "--save-path",
+        str(save),
+        *job.train_flags(),
+    )
     trained = run_group({"train": train}, work / "logs", watch=save / "train_log.jsonl")
-    return {"wall_s": produced.wall_s + trained.wall_s, "produce_wall_s": produced.wall_s, "train_wall_s": trained.wall_s,
-            **trainer_figures(save / "train_log.jsonl", trained), "hs_bytes": hs_bytes(spill),
-            "hs_files": len(list(spill.glob("hs_*.safetensors"))), "other_bytes": tree_bytes(save),
-            "processes": _processes(produced, trained), "other_cpu_s": produced.other_cpu_s + trained.other_cpu_s}  # fmt: skip
+    return {
+        "wall_s": produced.wall_s + trained.wall_s,
+        "produce_wall_s": produced.wall_s,
+        "train_wall_s": trained.wall_s,
+        **trainer_figures(save / "train_log.jsonl", trained),
+        "hs_bytes": hs_bytes(spill),
+        "hs_files": len(list(spill.glob("hs_*.safetensors"))),
+        "other_bytes": tree_bytes(save),
+        "processes": _processes(produced, trained),
+        "other_cpu_s": produced.other_cpu_s + trained.other_cpu_s,
+    }
 
 
 def run_producer_alone(job: Job, work: Path) -> dict:
     commands = {
-        f"capture-{r}": workers.command("capture", "--model", str(job.model), "--data", str(job.data), "--keys",
-                                str(job.keys_file), "--rank", str(r), "--num-workers", str(job.num_producers))
+        f"capture-{r}": workers.command(
+            "capture",
+            "--model",
+            str(job.model),
+            "--data",
+            str(job.data),
+            "--keys",
+            str(job.keys_file),
+            "--rank",
+            str(r),
+            "--num-workers",
+            str(job.num_producers),
+        )
         for r in range(job.num_producers)
-    }  # fmt: skip
+    }
     group = run_group(commands, work / "logs")
     reports = [last_json(group.logs[name]) for name in commands]
-    return {"wall_s": group.wall_s, "steady_s": max(r["capture_s"] for r in reports),
-            "capture_s_sum": sum(r["capture_s"] for r in reports), "rows": sum(r["rows"] for r in reports),
-            "tokens": sum(r["tokens"] for r in reports), "hs_bytes": 0, "other_bytes": 0,
-            "processes": _processes(group), "other_cpu_s": group.other_cpu_s}  # fmt: skip
+    return {
+        "wall_s": group.wall_s,
+        "steady_s": max(r["capture_s"] for r in reports),
+        "capture_s_sum": sum(r["capture_s"] for r in reports),
+        "rows": sum(r["rows"] for r in reports),
+        "tokens": sum(r["tokens"] for r in reports),
+        "hs_bytes": 0,
+        "other_bytes": 0,
+        "processes": _processes(group),
+        "other_cpu_s": group.other_cpu_s,
+    }
 
 
 def run_trainer_alone(job: Job, work: Path, spill: Path) -> dict:
     save = work / "save"
-    cmd = workers.command("memtrain", "--verifier-name-or-path", str(job.model), "--data-path", str(job.data),
-                  "--hidden-states-path", str(spill), "--save-path", str(save), *job.train_flags())  # fmt: skip
+    cmd = workers.command(
+        "memtrain",
+        "--verifier-name-or-path",
+        str(job.model),
+        "--data-path",
+        str(job.data),
+        "--hidden-states-path",
+        str(spill),
+        "--save-path",
+        str(save),
+        *job.train_flags(),
+    )
     group = run_group({"train": cmd}, work / "logs", watch=save / "train_log.jsonl")
     report = last_json(group.logs["train"])
-    return {"wall_s": group.wall_s, **trainer_figures(save / "train_log.jsonl", group), "hs_bytes": 0,
-            "other_bytes": tree_bytes(save), "preload_s": report["preload_s"], "preloaded_samples": report["samples"],
-            "processes": _processes(group), "other_cpu_s": group.other_cpu_s}  # fmt: skip
+    return {
+        "wall_s": group.wall_s,
+        **trainer_figures(save / "train_log.jsonl", group),
+        "hs_bytes": 0,
+        "other_bytes": tree_bytes(save),
+        "preload_s": report["preload_s"],
+        "preloaded_samples": report["samples"],
+        "processes": _processes(group),
+        "other_cpu_s": group.other_cpu_s,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,149 +346,27 @@ def grant_order(data: Path, *, epochs: int, total_seq_len: int) -> list[tuple[in
 
     dataset = PreparedDataset(data)
     train_ids, val_ids = split_train_val(len(dataset), val_ratio=VAL_RATIO, seed=SEED)
-    val = BatchPlan.build(sample_ids=val_ids, lengths=dataset.lengths(val_ids), seed=SEED, epoch=0, world_size=1,
-                          total_seq_len=total_seq_len, shuffle=False)  # fmt: skip
+    val = BatchPlan.build(
+        sample_ids=val_ids,
+        lengths=dataset.lengths(val_ids),
+        seed=SEED,
+        epoch=0,
+        world_size=1,
+        total_seq_len=total_seq_len,
+        shuffle=False,
+    )
     keys = []
     for epoch in range(epochs):
-        plan = BatchPlan.build(sample_ids=train_ids, lengths=dataset.lengths(train_ids), seed=SEED, epoch=epoch,
-                               world_size=1, total_seq_len=total_seq_len)  # fmt: skip
+        plan = BatchPlan.build(
+            sample_ids=train_ids,
+            lengths=dataset.lengths(train_ids),
+            seed=SEED,
+            epoch=epoch,
+            world_size=1,
+            total_seq_len=total_seq_len,
+        )
         keys += [(epoch, sid) for sid in fetch_order(plan, [0], val_plan=val)]
     return keys
-
-
-def _median(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def aggregate(runs: list[dict]) -> dict:
-    """One mode's repeats: the median of every number; per process the largest peak RSS and the
-    median CPU seconds."""
-    out: dict = {}
-    for key in runs[0]:
-        if key == "processes":
-            labels = sorted({label for r in runs for label in r["processes"]})
-            out[key] = {
-                label: {"peak_rss_mib": max(r["processes"].get(label, {}).get("peak_rss_mib", 0.0) for r in runs),
-                        "cpu_s": _median([r["processes"].get(label, {}).get("cpu_s") for r in runs])}
-                for label in labels
-            }  # fmt: skip
-        else:
-            out[key] = _median([r.get(key) for r in runs])
-    return out
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def summarize(modes: dict, capacity: dict, num_producers: int) -> dict:
-    """The ratios of the issue, and what this machine allows: if producer and trainer overlapped
-    perfectly on the measured capacity C, streaming would take max(c, d, (c + d') / C), where d'
-    is the trainer's work and c the producers' in alone-seconds (P workers ran at min(1, C/P))."""
-    s, c, d = modes["streaming"], modes["producer_alone"], modes["trainer_alone"]
-    slowest = max(c["steady_s"], d["steady_s"]) if d["steady_s"] is not None else None
-    cores = capacity["effective_cores"]
-    producer_work = c["capture_s_sum"] * min(1.0, cores / num_producers)
-    bound = max(c["steady_s"], d["steady_s"], (producer_work + d["steady_s"]) / cores) if slowest else None
-    return {
-        "streaming_over_max_alone": _ratio(s["steady_s"], slowest),
-        "streaming_over_max_alone_wall": _ratio(s["wall_s"], max(c["wall_s"], d["wall_s"])),
-        "streaming_over_offline": _ratio(s["wall_s"], modes["offline"]["wall_s"]),
-        "machine_bound_over_max_alone": _ratio(bound, slowest),
-        "streaming_over_machine_bound": _ratio(s["steady_s"], bound),
-        "stall_pct": s["stall_pct"],
-        "trainer_alone_stall_pct": d["stall_pct"],
-        "target_ratio": TARGET_RATIO,
-        "target_stall_pct": TARGET_STALL_PCT,
-    }
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def print_report(result: dict) -> None:
-    r, m, s, cap = result["regime"], result["modes"], result["summary"], result["cpu_capacity"]
-    print(f"pipeline: {r['num_conversations']} conversations x {r['epochs']} epochs, total-seq-len {r['total_seq_len']}, "
-          f"{r['num_producers']} producer(s) + 1 trainer rank, {r['cpus']} vCPUs giving {cap['effective_cores']:.2f} "
-          f"cores to two busy processes, OMP_NUM_THREADS=1; medians of {r['repeats']} repeat(s)")  # fmt: skip
-    header = (f"{'mode':<16}{'wall s':>8}{'startup':>9}{'train':>8}{'tail':>7}{'steady s':>10}{'stall %':>9}"
-              f"{'step ms':>9}{'compute ms':>12}{'other CPU s':>13}")  # fmt: skip
-    print(header)
-    print("-" * len(header))
-    for mode in MODES:
-        f = m[mode]
-        print(f"{mode:<16}{f['wall_s']:>8.1f}{_fmt(f.get('startup_s'), '.1f'):>9}{_fmt(f.get('train_span_s'), '.1f'):>8}"
-              f"{_fmt(f.get('tail_s'), '.1f'):>7}{_fmt(f.get('steady_s'), '.2f'):>10}{_fmt(f.get('stall_pct'), '.2f'):>9}"
-              f"{_fmt(f.get('median_step_ms'), '.0f'):>9}{_fmt(f.get('median_compute_ms'), '.0f'):>12}"
-              f"{f['other_cpu_s']:>13.1f}")  # fmt: skip
-    print()
-    header = f"{'mode':<16}{'hs bytes':>12}{'ckpt+log bytes':>16}  {'process':<16}{'peak RSS MiB':>13}{'CPU s':>8}"
-    print(header)
-    print("-" * len(header))
-    for mode in MODES:
-        f = m[mode]
-        for i, (label, proc) in enumerate(f["processes"].items()):
-            disk = f"{f['hs_bytes']:>12.0f}{f['other_bytes']:>16.0f}" if i == 0 else " " * 28
-            print(f"{mode if i == 0 else '':<16}{disk}  {label:<16}{proc['peak_rss_mib']:>13.0f}{_fmt(proc['cpu_s'], '.1f'):>8}")
-    print()
-    o, c, d = m["offline"], m["producer_alone"], m["trainer_alone"]
-    print(f"offline = produce {o['produce_wall_s']:.1f} s + train {o['train_wall_s']:.1f} s ({o['hs_files']:.0f} hs files); "
-          f"producer alone captured {c['rows']:.0f} rows / {c['tokens']:.0f} tokens; trainer alone preloaded "
-          f"{d['preloaded_samples']:.0f} samples in {d['preload_s']:.2f} s")  # fmt: skip
-    ratio, wall_ratio, bound, vs_offline = (_fmt(s[k], ".3f") for k in (
-        "streaming_over_max_alone", "streaming_over_max_alone_wall", "machine_bound_over_max_alone", "streaming_over_offline"))
-    cores = cap["effective_cores"]
-    print(f"streaming / max(producer alone, trainer alone): steady {ratio} (target <= {TARGET_RATIO}), process wall "
-          f"{wall_ratio}; perfect overlap on {cores:.2f} cores would give {bound}")  # fmt: skip
-    print(f"streaming / offline (process wall): {vs_offline}; trainer stall in streaming {_fmt(s['stall_pct'], '.2f')} % "
-          f"(target <= {TARGET_STALL_PCT}; from memory {_fmt(s['trainer_alone_stall_pct'], '.2f')} %)")  # fmt: skip
-    st = m["streaming"]
-    if st.get("mean_buffer_fill") is not None:
-        print(f"streaming, steady steps: {st['mean_samples_in_per_s']:.0f} samples/s in, {st['mean_samples_out_per_s']:.0f} "
-              f"out, buffer {100 * st['mean_buffer_fill']:.0f}% full on average (producer alone: "
-              f"{c['rows'] / c['steady_s']:.0f} samples/s)")  # fmt: skip
-    busy = [mode for mode in MODES if m[mode]["other_cpu_s"] > 0.1 * m[mode]["wall_s"]]
-    busy += [] if cap["quiet"] else ["the CPU capacity probe"]
-    if busy:
-        print(f"WARNING: the machine was not quiet: other processes used > 10% of a core during {', '.join(busy)} "
-              "(column 'other CPU s'); these figures are disturbed")  # fmt: skip
-    if s["stall_pct"] is None:
-        print("stall n/a: train_log.jsonl lines carry no step_wall_s/data_wait_s (trainer/training/loop.py telemetry)")
-    print(f"plot: {result['plot']}" if result["plot"] else f"plot: none ({result['plot_note']})")
-
-
-def plot_streaming(train_log: Path, out: Path) -> Path | None:
-    """Samples/s in and out, buffer fill and stall per step of the streaming run, if logged."""
-    _, steps = read_train_log(train_log)
-    needed = ("step_wall_s", "data_wait_s", "samples_in_per_s", "samples_out_per_s", "buffer_fill")
-    if not steps or not all(k in r for r in steps for k in needed):
-        return None
-    plt = pyplot()
-    if plt is None:
-        return None
-
-    t, clock = [], 0.0
-    for r in steps:
-        clock += r["step_wall_s"]
-        t.append(clock)
-    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
-    top.plot(t, [r["samples_in_per_s"] for r in steps], label="samples/s in (producers -> buffer)")
-    top.plot(t, [r["samples_out_per_s"] for r in steps], label="samples/s out (trained)")
-    top.set_ylabel("samples/s")
-    top.legend(loc="upper right")
-    bottom.plot(t, [100 * r["buffer_fill"] for r in steps], label="buffer fill %")
-    bottom.plot(t, [100 * r["data_wait_s"] / r["step_wall_s"] if r["step_wall_s"] else 0 for r in steps], label="stall % (step)")
-    bottom.set_ylabel("%")
-    bottom.set_xlabel("trainer time in steps, s (validation and checkpoints left out)")
-    bottom.legend(loc="upper right")
-    for i in range(1, len(steps)):
-        if steps[i]["epoch"] != steps[i - 1]["epoch"]:
-            for ax in (top, bottom):
-                ax.axvline(t[i - 1], color="grey", linestyle=":", linewidth=1)
-    fig.suptitle("draftstream streaming run (epoch boundaries dotted)")
-    return save_figure(fig, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,8 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=None, help="default 3 (1 with --quick)")
     parser.add_argument("--num-producers", type=int, default=1, help="producer processes in (a), (b) and (c)")
     parser.add_argument("--num-conversations", type=int, default=None, help="default 128 (24 with --quick)")
-    parser.add_argument("--total-seq-len", type=int, default=None, help="tokens per batch; default 1024 (512 with --quick)")
-    parser.add_argument("--repeats", type=int, default=None, help="runs of every mode (medians); default 2 (1 with --quick)")
+    parser.add_argument(
+        "--total-seq-len", type=int, default=None, help="tokens per batch; default 1024 (512 with --quick)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="runs of every mode (medians); default 2 (1 with --quick)"
+    )
     parser.add_argument("--out", default=None, help="keep artifacts here and write the plot")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
     return parser
@@ -411,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     total_seq_len = args.total_seq_len or (512 if args.quick else 1024)
     repeats = args.repeats or (1 if args.quick else 2)
     if min(epochs, args.num_producers, repeats) < 1 or num_conversations < 2:
-        raise SystemExit("bench pipeline: --epochs, --num-producers and --repeats must be >= 1, --num-conversations >= 2")
+        raise SystemExit(
+            "bench pipeline: --epochs, --num-producers and --repeats must be >= 1, --num-conversations >= 2"
+        )
 
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -421,18 +407,30 @@ def main(argv: list[str] | None = None) -> int:
         keys_file = root / "inputs" / "grant_order.json"
         keys_file.write_text(json.dumps(grant_order(data, epochs=epochs, total_seq_len=total_seq_len)))
         capacity = probe_capacity(attempts=1 if args.quick else 3, quick=args.quick)
-        job = Job(model=model, data=data, epochs=epochs, num_producers=args.num_producers, total_seq_len=total_seq_len,
-                  keys_file=keys_file)  # fmt: skip
+        job = Job(
+            model=model,
+            data=data,
+            epochs=epochs,
+            num_producers=args.num_producers,
+            total_seq_len=total_seq_len,
+            keys_file=keys_file,
+        )
         runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
         for k in range(repeats):
             work = root / f"r{k}"
             for mode in MODES:
                 shutil.rmtree(work / mode, ignore_errors=True)
-            print(f"repeat {k + 1}/{repeats}: streaming, offline, producer alone, trainer alone", file=sys.stderr, flush=True)
+            print(
+                f"repeat {k + 1}/{repeats}: streaming, offline, producer alone, trainer alone",
+                file=sys.stderr,
+                flush=True,
+            )
             runs["streaming"].append(run_streaming(job, work / "streaming"))
             runs["offline"].append(run_offline(job, work / "offline"))
             runs["producer_alone"].append(run_producer_alone(job, work / "producer_alone"))
-            runs["trainer_alone"].append(run_trainer_alone(job, work / "trainer_alone", work / "offline" / "hidden_states"))
+            runs["trainer_alone"].append(
+                run_trainer_alone(job, work / "trainer_alone", work / "offline" / "hidden_states")
+            )
         modes = {mode: aggregate(values) for mode, values in runs.items()}
         plot, plot_note = None, "pass --out DIR to get one"
         if args.out:
@@ -440,15 +438,26 @@ def main(argv: list[str] | None = None) -> int:
             plot_note = "" if plot else "matplotlib missing, or train_log.jsonl lacks samples_in_per_s/buffer_fill/..."
         result = {
             "bench": "pipeline",
-            "regime": {"num_conversations": num_conversations, "epochs": epochs, "num_producers": args.num_producers,
-                       "nproc_per_node": 1, "total_seq_len": total_seq_len, "seq_length": SEQ_LENGTH,
-                       "draft_vocab_size": DRAFT_VOCAB, "repeats": repeats, "cpus": os.cpu_count(), "omp_num_threads": 1,
-                       "quick": args.quick},  # fmt: skip
+            "regime": {
+                "num_conversations": num_conversations,
+                "epochs": epochs,
+                "num_producers": args.num_producers,
+                "nproc_per_node": 1,
+                "total_seq_len": total_seq_len,
+                "seq_length": SEQ_LENGTH,
+                "draft_vocab_size": DRAFT_VOCAB,
+                "repeats": repeats,
+                "cpus": os.cpu_count(),
+                "omp_num_threads": 1,
+                "quick": args.quick,
+            },
             "cpu_capacity": capacity,
             "modes": modes,
             "summary": summarize(modes, capacity, args.num_producers),
-            "per_repeat": {mode: [{k: r.get(k) for k in ("wall_s", "steady_s", "stall_pct", "other_cpu_s")} for r in values]
-                           for mode, values in runs.items()},  # fmt: skip
+            "per_repeat": {
+                mode: [{k: r.get(k) for k in ("wall_s", "steady_s", "stall_pct", "other_cpu_s")} for r in values]
+                for mode, values in runs.items()
+            },
             "plot": str(plot) if plot else None,
             "plot_note": plot_note,
         }

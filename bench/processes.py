@@ -195,11 +195,19 @@ def run_processes(
     other_cpu = busy_cpu_s() - busy0 - (time.process_time() - own0) - sum(cpu.values())
     failed = [n for n, p in procs.items() if p.returncode != 0]
     if failed:
-        tails = "\n".join(f"--- {n} (exit {procs[n].returncode}), last lines of {logs[n]}:\n{tail(logs[n])}" for n in failed)
+        tails = "\n".join(
+            f"--- {n} (exit {procs[n].returncode}), last lines of {logs[n]}:\n{tail(logs[n])}" for n in failed
+        )
         raise RuntimeError(f"{', '.join(failed)} failed\n{tails}")
-    return GroupRun(wall_s=max(ends.values()) - start, walls_s={n: ends[n] - start for n in procs},
-                    peak_rss={labels[pid]: peaks[pid] for pid in peaks}, cpu_s={labels[pid]: cpu[pid] for pid in cpu},
-                    logs=logs, line_times_s=line_times, other_cpu_s=max(0.0, other_cpu))  # fmt: skip
+    return GroupRun(
+        wall_s=max(ends.values()) - start,
+        walls_s={n: ends[n] - start for n in procs},
+        peak_rss={labels[pid]: peaks[pid] for pid in peaks},
+        cpu_s={labels[pid]: cpu[pid] for pid in cpu},
+        logs=logs,
+        line_times_s=line_times,
+        other_cpu_s=max(0.0, other_cpu),
+    )
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -219,8 +227,10 @@ def cpu_capacity(*, repeats: int = 3, iterations: int = 10_000_000) -> dict:
     def timed(copies: int) -> float:
         nonlocal other
         busy = busy_cpu_s()
-        procs = [subprocess.Popen([sys.executable, "-c", _SPIN.format(n=iterations)], stdout=subprocess.PIPE, text=True)
-                 for _ in range(copies)]  # fmt: skip
+        procs = [
+            subprocess.Popen([sys.executable, "-c", _SPIN.format(n=iterations)], stdout=subprocess.PIPE, text=True)
+            for _ in range(copies)
+        ]
         times = [float(p.communicate()[0]) for p in procs]
         other += max(0.0, busy_cpu_s() - busy - sum(times))
         return statistics.mean(times)
@@ -228,5 +238,10 @@ def cpu_capacity(*, repeats: int = 3, iterations: int = 10_000_000) -> dict:
     start = time.perf_counter()
     alone = statistics.median(timed(1) for _ in range(repeats))
     pair = statistics.median(timed(2) for _ in range(repeats))
-    return {"alone_s": alone, "pair_s": pair, "effective_cores": 2 * alone / pair, "other_cpu_s": other,
-            "elapsed_s": time.perf_counter() - start}  # fmt: skip
+    return {
+        "alone_s": alone,
+        "pair_s": pair,
+        "effective_cores": 2 * alone / pair,
+        "other_cpu_s": other,
+        "elapsed_s": time.perf_counter() - start,
+    }

@@ -30,13 +30,23 @@ def cli(*args: str) -> list[str]:
 
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1")  # fmt: skip
+    env.update(
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
     return env
 
 
-def run_group(commands: dict[str, list[str]], log_dir: Path, *, watch: Path | None = None,
-              label: Callable[[list[str]], str | None] | None = None) -> GroupRun:  # fmt: skip
+def run_group(
+    commands: dict[str, list[str]],
+    log_dir: Path,
+    *,
+    watch: Path | None = None,
+    label: Callable[[list[str]], str | None] | None = None,
+) -> GroupRun:
     """``bench.processes.run_processes`` with the benchmarks' child environment."""
     return run_processes(commands, log_dir, env=child_env(), watch=watch, label=label)
 
@@ -64,10 +74,23 @@ def prepare_inputs(root: Path, num_conversations: int) -> tuple[Path, Path]:
     target, prepared = root / "target", root / "prepared"
     commands = [
         ["make-tiny-target", "--out", str(target), "--num-conversations", str(num_conversations)],
-        ["prepare", "--model", str(target / "model"), "--data", str(target / "conversations.jsonl"), "--output",
-         str(prepared), "--seq-length", str(SEQ_LENGTH)],
-    ]  # fmt: skip
-    with open(root / "logs" / "setup.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        [
+            "prepare",
+            "--model",
+            str(target / "model"),
+            "--data",
+            str(target / "conversations.jsonl"),
+            "--output",
+            str(prepared),
+            "--seq-length",
+            str(SEQ_LENGTH),
+        ],
+    ]
+    with (
+        open(root / "logs" / "setup.log", "w") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
         for command in commands:
             if draftstream(command) != 0:
                 raise RuntimeError(f"bench setup: `draftstream {' '.join(command)}` failed; see {log.name}")

@@ -32,11 +32,29 @@ from pathlib import Path
 import torch
 
 SHAPES = {
-    "tiny": dict(hidden=256, heads=4, kv_heads=2, intermediate=512, vocab=8192, draft_vocab=4096, layers=8,
-                 total_seq_len=1024, sample_len=256),
-    "llama8b": dict(hidden=4096, heads=32, kv_heads=8, intermediate=14336, vocab=128256, draft_vocab=32000,
-                    layers=32, total_seq_len=8192, sample_len=2048),
-}  # fmt: skip
+    "tiny": dict(
+        hidden=256,
+        heads=4,
+        kv_heads=2,
+        intermediate=512,
+        vocab=8192,
+        draft_vocab=4096,
+        layers=8,
+        total_seq_len=1024,
+        sample_len=256,
+    ),
+    "llama8b": dict(
+        hidden=4096,
+        heads=32,
+        kv_heads=8,
+        intermediate=14336,
+        vocab=128256,
+        draft_vocab=32000,
+        layers=32,
+        total_seq_len=8192,
+        sample_len=2048,
+    ),
+}
 
 
 def write_fake_verifier(directory: Path, shape: dict, *, dtype=torch.bfloat16, seed: int = 0) -> Path:
@@ -45,12 +63,21 @@ def write_fake_verifier(directory: Path, shape: dict, *, dtype=torch.bfloat16, s
 
     directory.mkdir(parents=True, exist_ok=True)
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": shape["hidden"],
-        "intermediate_size": shape["intermediate"], "num_attention_heads": shape["heads"],
-        "num_key_value_heads": shape["kv_heads"], "num_hidden_layers": shape["layers"],
-        "vocab_size": shape["vocab"], "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu",
-        "max_position_embeddings": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    }  # fmt: skip
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": shape["hidden"],
+        "intermediate_size": shape["intermediate"],
+        "num_attention_heads": shape["heads"],
+        "num_key_value_heads": shape["kv_heads"],
+        "num_hidden_layers": shape["layers"],
+        "vocab_size": shape["vocab"],
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "hidden_act": "silu",
+        "max_position_embeddings": 131072,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
     (directory / "config.json").write_text(json.dumps(config))
     g = torch.Generator().manual_seed(seed)
     v, h = shape["vocab"], shape["hidden"]
@@ -80,32 +107,47 @@ def random_samples(num: int, shape: dict, *, dtype: torch.dtype, seed: int = 0):
 
 
 def measure(algorithm: str, shape: dict, verifier: Path, *, device: str, steps: int, warmup: int, save: Path) -> dict:
+    from trainer.data.batch import make_filler_batch
     from trainer.data.sources import InMemorySampleSource
     from trainer.models.config import DraftConfig
     from trainer.models.export import build_draft, save_draft
     from trainer.training.config import LoopConfig
     from trainer.training.distributed import DistEnv, resolve_device
-    from trainer.training.loop import Trainer, make_filler_batch
+    from trainer.training.loop import Trainer
 
     dev = resolve_device(device)
     hs_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     n_layers = shape["layers"]
     token_freq = {i: shape["vocab"] - i for i in range(shape["vocab"])}
     torch.manual_seed(0)
-    config = DraftConfig(speculator_type=algorithm, verifier_name_or_path=str(verifier),
-                         aux_layer_ids=[2, n_layers // 2, n_layers - 3], draft_vocab_size=shape["draft_vocab"],
-                         num_depths=4, mask_token_id=0 if algorithm == "peagle" else None)  # fmt: skip
+    config = DraftConfig(
+        speculator_type=algorithm,
+        verifier_name_or_path=str(verifier),
+        aux_layer_ids=[2, n_layers // 2, n_layers - 3],
+        draft_vocab_size=shape["draft_vocab"],
+        num_depths=4,
+        mask_token_id=0 if algorithm == "peagle" else None,
+    )
     model = build_draft(config, token_freq).to(dev)
     per_batch = shape["total_seq_len"] // shape["sample_len"]
     samples = random_samples(per_batch * (steps + warmup), shape, dtype=hs_dtype)
     trainer = Trainer(
         model=model,
-        config=LoopConfig(save_path=str(save / algorithm), epochs=1, lr=1e-4, total_seq_len=shape["total_seq_len"],
-                          scheduler_type="none", progress=False, noise_std=0.05),
-        env=DistEnv(device=dev), train_source=InMemorySampleSource(samples), train_ids=[s.sample_id for s in samples],
+        config=LoopConfig(
+            save_path=str(save / algorithm),
+            epochs=1,
+            lr=1e-4,
+            total_seq_len=shape["total_seq_len"],
+            scheduler_type="none",
+            progress=False,
+            noise_std=0.05,
+        ),
+        env=DistEnv(device=dev),
+        train_source=InMemorySampleSource(samples),
+        train_ids=[s.sample_id for s in samples],
         filler=make_filler_batch(num_layers=4, hidden_size=shape["hidden"], dtype=hs_dtype),
         save_draft=save_draft,
-    )  # fmt: skip
+    )
 
     def sync():
         if dev.type == "cuda":
@@ -161,19 +203,43 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         verifier = write_fake_verifier(Path(tmp) / "verifier", shape)
         for algorithm in args.algorithms:
-            rows.append(measure(algorithm, shape, verifier, device=args.device, steps=args.steps, warmup=args.warmup,
-                                save=Path(tmp) / "save"))  # fmt: skip
+            rows.append(
+                measure(
+                    algorithm,
+                    shape,
+                    verifier,
+                    device=args.device,
+                    steps=args.steps,
+                    warmup=args.warmup,
+                    save=Path(tmp) / "save",
+                )
+            )
 
-    print(f"trainer step throughput: shape={args.shape} device={args.device} threads={torch.get_num_threads()} "
-          f"total_seq_len={shape['total_seq_len']} hidden={shape['hidden']} draft_vocab={shape['draft_vocab']}")  # fmt: skip
+    print(
+        f"trainer step throughput: shape={args.shape} device={args.device} threads={torch.get_num_threads()} "
+        f"total_seq_len={shape['total_seq_len']} hidden={shape['hidden']} draft_vocab={shape['draft_vocab']}"
+    )
     header = f"{'algorithm':<10}{'tokens/step':>12}{'train ms':>10}{'fwd ms':>9}{'train/fwd':>10}{'tokens/s':>12}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['algorithm']:<10}{r['tokens_per_step']:>12}{r['train_step_ms']:>10.1f}{r['forward_ms']:>9.1f}"
-              f"{r['train_over_forward']:>10.2f}{r['train_tokens_per_s']:>12.0f}")  # fmt: skip
-    print(json.dumps({"bench": "trainer", "shape": args.shape, "device": args.device, "threads": torch.get_num_threads(),
-                      "steps": args.steps, "warmup": args.warmup, "rows": rows}))  # fmt: skip
+        print(
+            f"{r['algorithm']:<10}{r['tokens_per_step']:>12}{r['train_step_ms']:>10.1f}{r['forward_ms']:>9.1f}"
+            f"{r['train_over_forward']:>10.2f}{r['train_tokens_per_s']:>12.0f}"
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "trainer",
+                "shape": args.shape,
+                "device": args.device,
+                "threads": torch.get_num_threads(),
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "rows": rows,
+            }
+        )
+    )
     return 0
 
 

@@ -173,9 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--bytes-per-run-mib", type=int, default=1024, help="data moved per timed repeat")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--hold", type=int, default=8, help="messages the uncopied modes keep alive, as a replay buffer would")
     parser.add_argument(
-        "--default-malloc", action="store_true", help="leave glibc malloc at its defaults (the trainer tunes it: protocol/allocator.py)"
+        "--hold", type=int, default=8, help="messages the uncopied modes keep alive, as a replay buffer would"
+    )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc malloc at its defaults (the trainer tunes it: protocol/allocator.py)",
     )
     parser.add_argument("--latency-messages", type=int, default=10)
     parser.add_argument("--chunk-mib", type=float, default=DEFAULT_CHUNK_BYTES / (1 << 20))
@@ -206,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
                 times: dict[str, list[float]] = {mode: [] for mode in args.modes}
                 for _ in range(args.repeats):
                     for mode in args.modes:
-                        times[mode].append(run_stream(pull, parent, mode, num_tokens, count, warmup=args.hold + 2, chunk=chunk, hold=args.hold))
+                        times[mode].append(
+                            run_stream(
+                                pull, parent, mode, num_tokens, count, warmup=args.hold + 2, chunk=chunk, hold=args.hold
+                            )
+                        )
                 for mode in args.modes:
                     elapsed = statistics.median(times[mode])
                     lat = sorted(run_pingpong(pull, parent, mode, num_tokens, args.latency_messages, chunk))
@@ -238,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {}
     for row in rows:
         base = baseline.get(row["mode"])
-        ref = [r for r in rows if r["mode"] == base and r["transport"] == row["transport"] and r["tokens"] == row["tokens"]]
+        ref = [
+            r for r in rows if r["mode"] == base and r["transport"] == row["transport"] and r["tokens"] == row["tokens"]
+        ]
         if ref:
             row["vs"] = base
             row["ratio"] = round(statistics.median(a / b for a, b in zip(row["gbps_runs"], ref[0]["gbps_runs"])), 3)

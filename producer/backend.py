@@ -36,7 +36,9 @@ class CaptureRow(NamedTuple):
     loss_mask: torch.Tensor  # [T] 0/1
 
 
-def plan_batches(rows: Iterable[CaptureRow], max_batch_tokens: int, *, padded: bool = True) -> Iterator[list[CaptureRow]]:
+def plan_batches(
+    rows: Iterable[CaptureRow], max_batch_tokens: int, *, padded: bool = True
+) -> Iterator[list[CaptureRow]]:
     """Greedy, order-preserving batches within ``max_batch_tokens``. ``padded``: a batch costs
     ``rows x longest row`` (right padding); else its real tokens (packed without padding). A row
     longer than the budget forms a batch of its own."""

@@ -99,7 +99,8 @@ class PrepareSummary:
         lines = [
             f"prepared dataset -> {self.output}",
             f"  rows in             {self.num_rows_in}",
-            f"  rows out            {self.num_rows_out}" + (f"  ({self.num_passthrough} pre-tokenized)" if self.num_passthrough else ""),
+            f"  rows out            {self.num_rows_out}"
+            + (f"  ({self.num_passthrough} pre-tokenized)" if self.num_passthrough else ""),
             f"  tokens              {self.num_tokens}",
             f"  supervised tokens   {self.num_supervised_tokens}  ({self.supervised_fraction:.1%})",
             f"  clipped rows        {self.num_clipped}  (kept, cut at --seq-length)",
@@ -177,7 +178,9 @@ def _row(out: dict, ids: list[int], mask: list[int], *, seq_length: int, minimum
     out["clipped"].append(clipped)
 
 
-def _tokenize_batch(examples: dict, *, column: str, encoder: ConversationEncoder, seq_length: int, minimum: int) -> dict:
+def _tokenize_batch(
+    examples: dict, *, column: str, encoder: ConversationEncoder, seq_length: int, minimum: int
+) -> dict:
     from jinja2 import TemplateError
 
     out: dict[str, list] = {name: [] for name in ("input_ids", "loss_mask", "seq_len", "drop", "clipped")}
@@ -233,7 +236,9 @@ def _check_output(output: Path, overwrite: bool) -> None:
     if not output.exists() or (output.is_dir() and not any(output.iterdir())):
         return
     if not overwrite:
-        raise ValueError(f"--output {output} already exists and is not empty; it is left alone. Pass --overwrite to replace it")
+        raise ValueError(
+            f"--output {output} already exists and is not empty; it is left alone. Pass --overwrite to replace it"
+        )
     if not output.is_dir() or not _looks_prepared(output):
         raise ValueError(f"--overwrite refuses to delete {output}: it does not look like a prepared dataset")
 
@@ -294,7 +299,9 @@ def prepare_dataset(config: PrepareConfig) -> PrepareSummary:
     if config.max_samples is not None and len(dataset) > config.max_samples:
         dataset = dataset.select(range(config.max_samples))
     if len(dataset) == 0:
-        reasons = "; ".join(f"{n} {why} (e.g. {summary.drop_examples.get(why, '-')})" for why, n in summary.dropped.items())
+        reasons = "; ".join(
+            f"{n} {why} (e.g. {summary.drop_examples.get(why, '-')})" for why, n in summary.dropped.items()
+        )
         raise ValueError(f"no rows left to write: {reasons or 'the sources hold no rows'}")
     summary.num_clipped = sum(dataset["clipped"])
     dataset = dataset.remove_columns(["drop", "clipped"])
@@ -321,7 +328,9 @@ def prepare_dataset(config: PrepareConfig) -> PrepareSummary:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="draftstream prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="target model (local folder or hub id): its tokenizer and chat template")
+    parser.add_argument(
+        "--model", required=True, help="target model (local folder or hub id): its tokenizer and chat template"
+    )
     parser.add_argument(
         "--data",
         action="append",

@@ -45,16 +45,30 @@ class ProduceConfig:
 
     def __post_init__(self) -> None:
         if (self.spill is None) == (not self.connect):
-            raise ValueError("give exactly one of --spill DIR (write files) or --connect ENDPOINT (stream to a trainer)")
+            raise ValueError(
+                "give exactly one of --spill DIR (write files) or --connect ENDPOINT (stream to a trainer)"
+            )
         if self.connect and (self.validate or self.world_size != 1 or self.max_samples is not None):
-            raise ValueError("--validate, --world-size and --max-samples apply to --spill; with --connect the trainer decides the rows")
+            raise ValueError(
+                "--validate, --world-size and --max-samples apply to --spill; with --connect the trainer decides the rows"
+            )
         if self.backend != "vllm":
-            given = [flag for flag, value in (("--endpoint", self.endpoint), ("--served-model-name", self.served_model_name),
-                     ("--report-endpoint", self.report_endpoint), ("--vllm-engine-args", self.vllm_engine_args)) if value]
+            given = [
+                flag
+                for flag, value in (
+                    ("--endpoint", self.endpoint),
+                    ("--served-model-name", self.served_model_name),
+                    ("--report-endpoint", self.report_endpoint),
+                    ("--vllm-engine-args", self.vllm_engine_args),
+                )
+                if value
+            ]
             if given:
                 raise ValueError(f"{', '.join(given)} apply to --backend vllm only")
         elif self.device != "auto":
-            raise ValueError("--device applies to --backend hf; vLLM places itself (CUDA_VISIBLE_DEVICES, --vllm-engine-args)")
+            raise ValueError(
+                "--device applies to --backend hf; vLLM places itself (CUDA_VISIBLE_DEVICES, --vllm-engine-args)"
+            )
         if self.backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.dtype not in DTYPE_CHOICES:
@@ -75,7 +89,9 @@ def captured_layout(config: ProduceConfig) -> tuple[list[int], int]:
     return capture_layer_ids(config.target_layer_ids, int(text["num_hidden_layers"])), int(text["hidden_size"])
 
 
-def make_backend(config: ProduceConfig, *, layer_ids: list[int], spill_dir: Path | None = None) -> CaptureBackend | PushingBackend:
+def make_backend(
+    config: ProduceConfig, *, layer_ids: list[int], spill_dir: Path | None = None
+) -> CaptureBackend | PushingBackend:
     """The backend ``config.backend`` names (``HFCapture`` or vLLM's), capturing ``layer_ids``
     (``captured_layout``); an in-process vLLM engine may spill under ``spill_dir`` only."""
     if config.backend == "vllm":
@@ -83,7 +99,13 @@ def make_backend(config: ProduceConfig, *, layer_ids: list[int], spill_dir: Path
     from producer.capture import CaptureConfig, HFCapture
 
     return HFCapture(
-        CaptureConfig(model=config.model, dtype=config.dtype, device=config.device, layer_ids=layer_ids, max_batch_tokens=config.max_batch_tokens)
+        CaptureConfig(
+            model=config.model,
+            dtype=config.dtype,
+            device=config.device,
+            layer_ids=layer_ids,
+            max_batch_tokens=config.max_batch_tokens,
+        )
     )
 
 
@@ -100,7 +122,10 @@ def _vllm_backend(config: ProduceConfig, *, layer_ids: list[int], spill_dir: Pat
         raise ValueError("--vllm-engine-args must be a JSON object, e.g. '{\"gpu_memory_utilization\": 0.8}'")
     extra: dict = {"spill_dirs": [str(spill_dir.resolve())]} if spill_dir is not None else {}
     if config.curve_secret_key:
-        extra.update(curve_secret_key=str(Path(config.curve_secret_key).resolve()), curve_server_key=str(Path(config.curve_server_key).resolve()))
+        extra.update(
+            curve_secret_key=str(Path(config.curve_secret_key).resolve()),
+            curve_server_key=str(Path(config.curve_server_key).resolve()),
+        )
     return VLLMBackend(
         VLLMBackendConfig(
             model=config.model,

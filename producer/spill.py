@@ -123,4 +123,6 @@ class SpillSink:
             return
         write_hs_file(self.directory, sample.sample_id, sample.token_ids, sample.hidden_states, fsync=self.config.fsync)
         self.stats.num_written += 1
-        self.stats.num_bytes += sample.hidden_states.numel() * sample.hidden_states.element_size() + sample.token_ids.numel() * 8
+        self.stats.num_bytes += (
+            sample.hidden_states.numel() * sample.hidden_states.element_size() + sample.token_ids.numel() * 8
+        )

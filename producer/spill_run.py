@@ -118,7 +118,9 @@ def run_producer(
     return num_samples, num_tokens
 
 
-def validate_spill(directory: str | Path, data: PreparedDataset, indices: Iterable[int], *, num_slots: int, hidden_size: int) -> ValidationReport:
+def validate_spill(
+    directory: str | Path, data: PreparedDataset, indices: Iterable[int], *, num_slots: int, hidden_size: int
+) -> ValidationReport:
     """Re-read every file of ``indices``: token ids equal the row's ``input_ids``, shape
     ``[T, num_slots, hidden_size]``, all finite."""
     from tqdm import tqdm
@@ -145,7 +147,14 @@ def validate_spill(directory: str | Path, data: PreparedDataset, indices: Iterab
 
 
 def _spill_with_vllm(
-    config: ProduceConfig, data: PreparedDataset, todo: list[int], spill: Path, report: ProduceReport, *, layer_ids: list[int], stop
+    config: ProduceConfig,
+    data: PreparedDataset,
+    todo: list[int],
+    spill: Path,
+    report: ProduceReport,
+    *,
+    layer_ids: list[int],
+    stop,
 ) -> set[int]:
     """``--backend vllm --spill``: vLLM's connector writes the files; returns the rows skipped for NaN/Inf."""
     from tqdm import tqdm
@@ -172,10 +181,17 @@ def _spill_with_vllm(
     report.num_skipped_nonfinite = stats.num_nonfinite
     report.stopped_early = stats.stopped_early
     if stats.nonfinite_ids and not config.skip_nonfinite:
-        stats.failed.update({i: "hidden states contain NaN or Inf (pass --skip-nonfinite to skip and count such rows)" for i in stats.nonfinite_ids})
+        stats.failed.update(
+            {
+                i: "hidden states contain NaN or Inf (pass --skip-nonfinite to skip and count such rows)"
+                for i in stats.nonfinite_ids
+            }
+        )
     if stats.failed:
         first = sorted(stats.failed.items())[:5]
-        raise ValueError(f"{len(stats.failed)} rows were not written; first: " + "; ".join(f"row {i}: {why}" for i, why in first))
+        raise ValueError(
+            f"{len(stats.failed)} rows were not written; first: " + "; ".join(f"row {i}: {why}" for i, why in first)
+        )
     return set(stats.nonfinite_ids)
 
 
@@ -193,7 +209,9 @@ def produce(config: ProduceConfig, *, stop: threading.Event | None = None) -> Pr
     done = set(list_hs_indices(spill))
     todo = [i for i in selected if i not in done]
     report.num_already_done = report.num_selected - len(todo)
-    log.info("%d rows for this rank, %d already on disk, %d to capture", len(selected), report.num_already_done, len(todo))
+    log.info(
+        "%d rows for this rank, %d already on disk, %d to capture", len(selected), report.num_already_done, len(todo)
+    )
 
     sink = None
     skipped: set[int] = set()
@@ -207,7 +225,9 @@ def produce(config: ProduceConfig, *, stop: threading.Event | None = None) -> Pr
         log.info("target: %s", backend.describe())
         sink = SpillSink(SpillConfig(directory=str(spill), skip_nonfinite=config.skip_nonfinite))
         try:
-            report.num_captured, report.num_tokens = run_producer(backend, iter_rows(data, todo), sink, total=len(todo), stop=stop)
+            report.num_captured, report.num_tokens = run_producer(
+                backend, iter_rows(data, todo), sink, total=len(todo), stop=stop
+            )
         finally:
             try:
                 sink.close()

@@ -139,7 +139,13 @@ class StreamProducer:
             for base in self.config.connect:
                 for r in range(self.config.num_ranks):
                     control_endpoint, _ = rank_endpoints(base, r)
-                    sock = make_socket(ctx, zmq.DEALER, self.config.socket, connect=control_endpoint, identity=self.config.producer_id.encode())
+                    sock = make_socket(
+                        ctx,
+                        zmq.DEALER,
+                        self.config.socket,
+                        connect=control_endpoint,
+                        identity=self.config.producer_id.encode(),
+                    )
                     ranks.append(_Rank(name=f"{base}#{r}", control_endpoint=control_endpoint, control=sock))
             self._serve(ctx, ranks)
         finally:
@@ -187,7 +193,11 @@ class StreamProducer:
                 last_beat = now
                 for rank in ranks:
                     if rank.welcomed and _writable(rank.control):
-                        send_message(rank.control, Heartbeat(sender=self.config.producer_id, time_s=time.time()), flags=zmq.NOBLOCK)
+                        send_message(
+                            rank.control,
+                            Heartbeat(sender=self.config.producer_id, time_s=time.time()),
+                            flags=zmq.NOBLOCK,
+                        )
             events = dict(poller.poll(0 if self._work else 100))
             for rank in ranks:
                 while rank.control in events:
@@ -268,10 +278,16 @@ class StreamProducer:
             for work in {id(w): w for w, _ in rows}.values():
                 self._fail(work, f"{type(e).__name__}: {e}")
             raise
-        while self._work and not self._work[0].remaining and self._work[0].sent + self._work[0].failed == len(self._work[0].grant.sample_ids):
+        while (
+            self._work
+            and not self._work[0].remaining
+            and self._work[0].sent + self._work[0].failed == len(self._work[0].grant.sample_ids)
+        ):
             work = self._work.popleft()
             if work.rank.welcomed and _writable(work.rank.control):
-                send_message(work.rank.control, LeaseDone(lease_id=work.grant.lease_id, num_samples=work.sent), flags=zmq.NOBLOCK)
+                send_message(
+                    work.rank.control, LeaseDone(lease_id=work.grant.lease_id, num_samples=work.sent), flags=zmq.NOBLOCK
+                )
             self.report.leases += 1
 
     def _push(self, work: _Work, sample) -> None:
@@ -281,7 +297,9 @@ class StreamProducer:
         try:
             send_message(rank.data, sample, chunk_bytes=self.config.chunk_bytes)
         except zmq.Again:
-            logger.warning("rank %s took no data for %.0fs; dropping its work", rank.name, self.config.send_timeout_seconds)
+            logger.warning(
+                "rank %s took no data for %.0fs; dropping its work", rank.name, self.config.send_timeout_seconds
+            )
             self._forget(rank)
             return
         work.sent += 1
@@ -293,7 +311,9 @@ class StreamProducer:
 
     def _fail_ids(self, rank: _Rank, lease_id: int, sample_ids: list[int], reason: str) -> None:
         if rank.welcomed and _writable(rank.control):
-            send_message(rank.control, LeaseFailed(lease_id=lease_id, sample_ids=sample_ids, reason=reason), flags=zmq.NOBLOCK)
+            send_message(
+                rank.control, LeaseFailed(lease_id=lease_id, sample_ids=sample_ids, reason=reason), flags=zmq.NOBLOCK
+            )
 
     # ---- pushing backends (vLLM): the engine's connector sends the samples -----------------
 
@@ -314,7 +334,9 @@ class StreamProducer:
                 continue
             work.sent += 1
             self.report.samples += 1
-            self.report.bytes += sample_nbytes(len(row.input_ids), len(self.spec.layer_ids), self.spec.hidden_size, dtype)
+            self.report.bytes += sample_nbytes(
+                len(row.input_ids), len(self.spec.layer_ids), self.spec.hidden_size, dtype
+            )
             self._tickets[result.ticket] = (work.rank, work.grant.lease_id, int(row.sample_id))
             while len(self._tickets) > self._MAX_TICKETS:
                 self._tickets.popitem(last=False)

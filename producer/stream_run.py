@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 def stream(config: ProduceConfig, *, stop: threading.Event | None = None) -> int:
     """Streaming run: serve the trainer ranks' grants until they end the stream; returns an exit code."""
     if bool(config.curve_secret_key) != bool(config.curve_server_key):
-        raise ValueError("CURVE needs both --curve-secret-key (this producer's) and --curve-server-key (the trainer's public key)")
+        raise ValueError(
+            "CURVE needs both --curve-secret-key (this producer's) and --curve-server-key (the trainer's public key)"
+        )
 
     data = PreparedDataset(config.data, flag="--data")
     layer_ids, _ = captured_layout(config)
@@ -49,7 +51,9 @@ def stream(config: ProduceConfig, *, stop: threading.Event | None = None) -> int
             socket=SocketConfig(
                 sndhwm=8,
                 rcvhwm=64,
-                curve=CurveKeys(secret_file=Path(config.curve_secret_key), server_public_file=Path(config.curve_server_key))
+                curve=CurveKeys(
+                    secret_file=Path(config.curve_secret_key), server_public_file=Path(config.curve_server_key)
+                )
                 if config.curve_secret_key
                 else None,
             ),
@@ -63,5 +67,11 @@ def stream(config: ProduceConfig, *, stop: threading.Event | None = None) -> int
         report = client.run()
     finally:
         backend.close()
-    log.info("streamed %d samples (%.2f GB) in %d leases; %d samples failed", report.samples, report.bytes / 1e9, report.leases, report.failed_samples)
+    log.info(
+        "streamed %d samples (%.2f GB) in %d leases; %d samples failed",
+        report.samples,
+        report.bytes / 1e9,
+        report.leases,
+        report.failed_samples,
+    )
     return report.exit_code

@@ -71,7 +71,14 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 _SPECIALS = {
-    "llama": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|pad|>"],
+    "llama": [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+        "<|pad|>",
+    ],
     "qwen3": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"],
 }
 
@@ -137,7 +144,10 @@ def write_conversations(path: str | Path, num: int = 64, *, seed: int = 0, style
     with path.open("w") as f:
         for i, turns in enumerate(conversations(num, seed)):
             if style == "sharegpt":
-                row = {"id": f"conv-{i}", "conversations": [{"from": sharegpt_role[t["role"]], "value": t["content"]} for t in turns]}
+                row = {
+                    "id": f"conv-{i}",
+                    "conversations": [{"from": sharegpt_role[t["role"]], "value": t["content"]} for t in turns],
+                }
             else:
                 row = {"id": f"conv-{i}", "messages": turns}
             f.write(json.dumps(row) + "\n")

@@ -91,7 +91,9 @@ class FramedTensor:
         if any(p.dim() != 1 or p.dtype != self.dtype for p in self.parts):
             raise ValueError("FramedTensor parts must be 1-D tensors of one dtype")
         if sum(p.numel() for p in self.parts) != math.prod(self.shape):
-            raise ValueError(f"parts hold {sum(p.numel() for p in self.parts)} elements, shape {tuple(self.shape)} needs {math.prod(self.shape)}")
+            raise ValueError(
+                f"parts hold {sum(p.numel() for p in self.parts)} elements, shape {tuple(self.shape)} needs {math.prod(self.shape)}"
+            )
 
     def dim(self) -> int:
         return len(self.shape)
@@ -211,9 +213,7 @@ def _matches(spec: object, value: object) -> bool:
     if isinstance(spec, tuple) and spec[0] is list:
         return isinstance(value, list) and all(_matches(spec[1], v) for v in value)
     if isinstance(spec, tuple) and spec[0] is dict:
-        return isinstance(value, dict) and all(
-            _matches(spec[1], k) and _matches(spec[2], v) for k, v in value.items()
-        )
+        return isinstance(value, dict) and all(_matches(spec[1], k) and _matches(spec[2], v) for k, v in value.items())
     raise AssertionError(f"unknown field spec {spec!r}")
 
 
@@ -225,7 +225,9 @@ def _frame_parts(buffers: Sequence[memoryview], dtype: torch.dtype) -> list[torc
     if any(len(b) % itemsize for b in buffers):
         return None
     viewable = [
-        len(b) >= SHARED_BATCH_BYTES and not b.readonly and ctypes.addressof(ctypes.c_char.from_buffer(b)) % itemsize == 0
+        len(b) >= SHARED_BATCH_BYTES
+        and not b.readonly
+        and ctypes.addressof(ctypes.c_char.from_buffer(b)) % itemsize == 0
         for b in buffers
     ]
     if not any(viewable):
@@ -257,7 +259,9 @@ def _parse_descriptor(raw: object, tensor_fields: set[str]) -> tuple[str, torch.
         raise ProtocolError(f"unexpected tensor {name!r:.100}")
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise ProtocolError(f"tensor {name}: dtype {dtype_name!r:.50} is not one the protocol carries")
-    if not (isinstance(shape, list) and len(shape) <= MAX_TENSOR_DIMS and all(_matches(int, d) and d >= 0 for d in shape)):
+    if not (
+        isinstance(shape, list) and len(shape) <= MAX_TENSOR_DIMS and all(_matches(int, d) and d >= 0 for d in shape)
+    ):
         raise ProtocolError(f"tensor {name}: bad shape {shape!r:.200}")
     if not (_matches(int, n_frames) and n_frames >= 0):
         raise ProtocolError(f"tensor {name}: bad frame count {n_frames!r:.50}")
@@ -279,7 +283,9 @@ def decode(
     The views keep their frames alive; they are writable, and writing to them changes the frames.
     """
     if alloc is not None and not copy:
-        raise ValueError("alloc= and copy=False contradict each other: a tensor is either copied into storage or viewed")
+        raise ValueError(
+            "alloc= and copy=False contradict each other: a tensor is either copied into storage or viewed"
+        )
     if len(frames) < 2:
         raise ProtocolError(f"a message has at least 2 frames (kind, header), got {len(frames)}")
     kind = _buffer(frames[0])
@@ -318,12 +324,16 @@ def decode(
 
     descriptors = [_parse_descriptor(d, tensor_fields) for d in header["t"]]
     if sorted(d[0] for d in descriptors) != sorted(tensor_fields):
-        raise ProtocolError(f"{cls.__name__}: tensors {[d[0] for d in descriptors]} != expected {sorted(tensor_fields)}")
+        raise ProtocolError(
+            f"{cls.__name__}: tensors {[d[0] for d in descriptors]} != expected {sorted(tensor_fields)}"
+        )
     sizes = [math.prod(shape) * dtype.itemsize for _, dtype, shape, _ in descriptors]
     if sum(sizes) > max_message_bytes:
         raise ProtocolError(f"{cls.__name__}: {sum(sizes)} tensor bytes exceed the limit of {max_message_bytes}")
     if len(frames) != 2 + sum(d[3] for d in descriptors):
-        raise ProtocolError(f"{cls.__name__}: header announces {sum(d[3] for d in descriptors)} data frames, got {len(frames) - 2}")
+        raise ProtocolError(
+            f"{cls.__name__}: header announces {sum(d[3] for d in descriptors)} data frames, got {len(frames) - 2}"
+        )
 
     # Check every frame size before allocating or copying anything.
     buffers = [_buffer(f) for f in frames[2:]]
@@ -331,7 +341,9 @@ def decode(
     for (name, _, _, n_frames), nbytes in zip(descriptors, sizes):
         lengths = [len(b) for b in buffers[start : start + n_frames]]
         if sum(lengths) != nbytes or (n_frames > 0 and min(lengths) == 0) or (nbytes > 0) != (n_frames > 0):
-            raise ProtocolError(f"{cls.__name__}.{name}: frames hold {sum(lengths)} bytes in {n_frames} frames, shape needs {nbytes}")
+            raise ProtocolError(
+                f"{cls.__name__}.{name}: frames hold {sum(lengths)} bytes in {n_frames} frames, shape needs {nbytes}"
+            )
         start += n_frames
 
     tensors: dict[str, torch.Tensor | FramedTensor] = {}
@@ -347,7 +359,9 @@ def decode(
             continue
         out = alloc(name, dtype, shape) if alloc is not None else torch.empty(shape, dtype=dtype)
         if out.dtype != dtype or tuple(out.shape) != shape or not out.is_contiguous() or out.device.type != "cpu":
-            raise ValueError(f"allocator returned {out.dtype} {tuple(out.shape)} for {name}, need contiguous CPU {dtype} {shape}")
+            raise ValueError(
+                f"allocator returned {out.dtype} {tuple(out.shape)} for {name}, need contiguous CPU {dtype} {shape}"
+            )
         dst = out.reshape(-1).view(torch.uint8).numpy() if out.numel() else None
         offset = 0
         for buffer in own:

@@ -106,14 +106,22 @@ def read_hs_file(
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
             if keys != {HIDDEN_STATES, TOKEN_IDS}:
-                raise HiddenStateFileError(f"{path}: holds tensors {sorted(keys)}, expected {[HIDDEN_STATES, TOKEN_IDS]}")
+                raise HiddenStateFileError(
+                    f"{path}: holds tensors {sorted(keys)}, expected {[HIDDEN_STATES, TOKEN_IDS]}"
+                )
             hidden_states = f.get_tensor(HIDDEN_STATES)
             token_ids = f.get_tensor(TOKEN_IDS)
     except (SafetensorError, OSError, RuntimeError) as e:  # truncated or not safetensors at all
         raise HiddenStateFileError(f"{path}: unreadable ({e})") from e
     if token_ids.dtype != torch.int64 or token_ids.dim() != 1:
-        raise HiddenStateFileError(f"{path}: token_ids must be [T] int64, got {token_ids.dtype} {tuple(token_ids.shape)}")
-    if hidden_states.dim() != 3 or hidden_states.shape[0] != token_ids.shape[0] or not hidden_states.dtype.is_floating_point:
+        raise HiddenStateFileError(
+            f"{path}: token_ids must be [T] int64, got {token_ids.dtype} {tuple(token_ids.shape)}"
+        )
+    if (
+        hidden_states.dim() != 3
+        or hidden_states.shape[0] != token_ids.shape[0]
+        or not hidden_states.dtype.is_floating_point
+    ):
         raise HiddenStateFileError(
             f"{path}: hidden_states must be [T, L, H] float with T={token_ids.shape[0]}, got "
             f"{hidden_states.dtype} {tuple(hidden_states.shape)}"

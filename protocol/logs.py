@@ -15,7 +15,9 @@ _FORMAT = "%(asctime)s [{who}] %(levelname)s %(name)s: %(message)s"
 _QUIET_LIBRARIES = ("httpx", "urllib3", "filelock", "datasets")
 
 
-def setup_logging(role: str, *, rank: int | None = None, level: int | str = logging.INFO, all_ranks: bool = False) -> None:
+def setup_logging(
+    role: str, *, rank: int | None = None, level: int | str = logging.INFO, all_ranks: bool = False
+) -> None:
     """Configure the root logger for this process (idempotent: replaces our previous handler).
     ``rank``: this process's rank in a group of ranks (trainers), None for a single process."""
     root = logging.getLogger()

@@ -133,9 +133,13 @@ class Sample(Message):
 
     def check(self) -> None:
         if self.token_ids.dtype != torch.int64 or self.token_ids.dim() != 1:
-            raise ProtocolError(f"token_ids must be 1-D int64, got {self.token_ids.dtype} {tuple(self.token_ids.shape)}")
+            raise ProtocolError(
+                f"token_ids must be 1-D int64, got {self.token_ids.dtype} {tuple(self.token_ids.shape)}"
+            )
         if self.loss_mask.dim() != 1 or self.loss_mask.dtype not in (torch.bool, torch.uint8, torch.int64, torch.int32):
-            raise ProtocolError(f"loss_mask must be 1-D bool/int, got {self.loss_mask.dtype} {tuple(self.loss_mask.shape)}")
+            raise ProtocolError(
+                f"loss_mask must be 1-D bool/int, got {self.loss_mask.dtype} {tuple(self.loss_mask.shape)}"
+            )
         if self.hidden_states.dim() != 3 or not self.hidden_states.dtype.is_floating_point:
             raise ProtocolError(
                 f"hidden_states must be [T, L, H] floating point, got {self.hidden_states.dtype} "

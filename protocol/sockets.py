@@ -109,7 +109,9 @@ def rank_endpoints(base: str, rank: int) -> tuple[str, str]:
     if scheme == "tcp":
         host, _, port = rest.rpartition(":")
         if not port.isdigit():
-            raise ValueError(f"--stream-endpoint/--connect {base}: tcp endpoints need a base port, e.g. tcp://127.0.0.1:5600")
+            raise ValueError(
+                f"--stream-endpoint/--connect {base}: tcp endpoints need a base port, e.g. tcp://127.0.0.1:5600"
+            )
         return f"tcp://{host}:{int(port) + 2 * rank}", f"tcp://{host}:{int(port) + 2 * rank + 1}"
     raise ValueError(f"--stream-endpoint/--connect must be ipc://DIR or tcp://HOST:PORT, got {base!r}")
 

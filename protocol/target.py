@@ -58,7 +58,9 @@ def aux_layer_ids(layer_ids: Sequence[int] | None, num_layers: int) -> list[int]
     ids = [int(k) for k in layer_ids]
     if len(ids) == 4:
         if ids[-1] != num_layers:
-            raise ValueError(f"--target-layer-ids: with 4 ids the last must be the last layer id {num_layers}, got {ids}")
+            raise ValueError(
+                f"--target-layer-ids: with 4 ids the last must be the last layer id {num_layers}, got {ids}"
+            )
         ids = ids[:3]
     if len(ids) != 3:
         raise ValueError(f"--target-layer-ids takes 3 auxiliary ids (or 4 ending with {num_layers}), got {ids}")
@@ -109,7 +111,11 @@ class TargetSpec:
             problems.append(f"dtype {other.dtype} != {self.dtype}")
         if other.vocab_size != self.vocab_size:
             problems.append(f"vocab size {other.vocab_size} != {self.vocab_size}")
-        if other.dataset_fingerprint and self.dataset_fingerprint and other.dataset_fingerprint != self.dataset_fingerprint:
+        if (
+            other.dataset_fingerprint
+            and self.dataset_fingerprint
+            and other.dataset_fingerprint != self.dataset_fingerprint
+        ):
             problems.append(f"prepared dataset {other.dataset_fingerprint} != {self.dataset_fingerprint} (--data)")
         return "; ".join(problems)
 

@@ -58,30 +58,47 @@ def build_commands(args: argparse.Namespace, train_args: list[str]) -> tuple[lis
     endpoint = args.stream_endpoint
     trainer = [
         *(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "protocol.cli"]
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={args.nproc_per_node}",
+                "-m",
+                "protocol.cli",
+            ]
             if args.nproc_per_node > 1
             else _cli()
         ),
         "train",
-        "--verifier-name-or-path", args.model,
-        "--data-path", args.data,
-        "--save-path", args.save_path,
-        "--stream-endpoint", endpoint,
+        "--verifier-name-or-path",
+        args.model,
+        "--data-path",
+        args.data,
+        "--save-path",
+        args.save_path,
+        "--stream-endpoint",
+        endpoint,
         *train_args,
-    ]  # fmt: skip
+    ]
     producers = []
     for i in range(args.num_producers):
         producers.append(
             [
                 *_cli(),
                 "produce",
-                "--model", args.model,
-                "--data", args.data,
-                "--connect", endpoint,
-                "--num-ranks", str(args.nproc_per_node),
-                "--producer-id", f"producer-{i}",
+                "--model",
+                args.model,
+                "--data",
+                args.data,
+                "--connect",
+                endpoint,
+                "--num-ranks",
+                str(args.nproc_per_node),
+                "--producer-id",
+                f"producer-{i}",
                 *shlex.split(args.producer_args),
-            ]  # fmt: skip
+            ]
         )
     return trainer, producers
 
@@ -116,8 +133,9 @@ def run(args: argparse.Namespace, train_args: list[str]) -> int:
         return _supervise(args, logs, trainer_cmd, producer_cmds, stop)
 
 
-def _supervise(args: argparse.Namespace, logs: Path, trainer_cmd: list[str], producer_cmds: list[list[str]],
-               stop: StopSignals) -> int:  # fmt: skip
+def _supervise(
+    args: argparse.Namespace, logs: Path, trainer_cmd: list[str], producer_cmds: list[list[str]], stop: StopSignals
+) -> int:
     """Start the children and watch them until the trainer exits (or one fails); every stop signal
     is forwarded to the trainer as SIGTERM."""
     env = dict(os.environ)
@@ -130,8 +148,20 @@ def _supervise(args: argparse.Namespace, logs: Path, trainer_cmd: list[str], pro
         log_path = logs / f"producer-{i}.log"
         child_env = {**env, "CUDA_VISIBLE_DEVICES": producer_gpus[i % len(producer_gpus)]} if producer_gpus else env
         with open(log_path, "ab") as log:
-            producers.append(Child(f"producer-{i}", subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT), log_path))
-    logger.info("started trainer (%d rank%s) and %d producers; producer logs in %s", args.nproc_per_node, "s" * (args.nproc_per_node > 1), len(producers), logs)
+            producers.append(
+                Child(
+                    f"producer-{i}",
+                    subprocess.Popen(cmd, env=child_env, stdout=log, stderr=subprocess.STDOUT),
+                    log_path,
+                )
+            )
+    logger.info(
+        "started trainer (%d rank%s) and %d producers; producer logs in %s",
+        args.nproc_per_node,
+        "s" * (args.nproc_per_node > 1),
+        len(producers),
+        logs,
+    )
     exit_code = 0
     reported: set[str] = set()  # producers whose death was already logged
     try:
@@ -151,7 +181,9 @@ def _supervise(args: argparse.Namespace, logs: Path, trainer_cmd: list[str], pro
                 if code is None:
                     alive.append(child)
                 elif code != 0 and not args.tolerate_producer_failures:
-                    logger.error("%s; stopping the run (--tolerate-producer-failures to carry on)", child.describe_exit())
+                    logger.error(
+                        "%s; stopping the run (--tolerate-producer-failures to carry on)", child.describe_exit()
+                    )
                     _terminate([trainer], args.grace_seconds)
                     exit_code = code if code > 0 else 1
                     return exit_code
@@ -159,13 +191,21 @@ def _supervise(args: argparse.Namespace, logs: Path, trainer_cmd: list[str], pro
                     reported.add(child.name)
                     logger.warning("%s; its work goes to the remaining producers", child.describe_exit())
             # All producers failed (none left because the trainer ended the stream): stop.
-            if producers and not alive and trainer.process.poll() is None and all(c.process.returncode != 0 for c in producers):
+            if (
+                producers
+                and not alive
+                and trainer.process.poll() is None
+                and all(c.process.returncode != 0 for c in producers)
+            ):
                 logger.error("every producer has died; stopping the trainer")
                 _terminate([trainer], args.grace_seconds)
                 return 1
             time.sleep(0.2)
     finally:
-        _terminate([c for c in producers if c.process.poll() is None] + ([trainer] if trainer.process.poll() is None else []), args.grace_seconds)
+        _terminate(
+            [c for c in producers if c.process.poll() is None] + ([trainer] if trainer.process.poll() is None else []),
+            args.grace_seconds,
+        )
     return exit_code
 
 
@@ -175,17 +215,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Paired launch: P producers stream hidden states into R trainer ranks; no disk cache.",
         epilog="Arguments after `--` go to `draftstream train` (e.g. -- --epochs 3 --lr 1e-4 --draft-vocab-size 32000).",
     )
-    parser.add_argument("--model", required=True, help="target model (local dir or hub id), used by producers and as the verifier")
+    parser.add_argument(
+        "--model", required=True, help="target model (local dir or hub id), used by producers and as the verifier"
+    )
     parser.add_argument("--data", required=True, help="prepared dataset (draftstream prepare --output)")
     parser.add_argument("--save-path", required=True, help="checkpoints, logs and the accounting record go here")
     parser.add_argument("--num-producers", type=int, default=1)
     parser.add_argument("--nproc-per-node", type=int, default=1, help="trainer ranks (torchrun) on this host")
-    parser.add_argument("--stream-endpoint", default=None, help="ipc://DIR (default: a fresh temp dir) or tcp://HOST:PORT")
-    parser.add_argument("--producer-args", default="", help="extra flags for every producer, one string (e.g. '--dtype bfloat16')")
+    parser.add_argument(
+        "--stream-endpoint", default=None, help="ipc://DIR (default: a fresh temp dir) or tcp://HOST:PORT"
+    )
+    parser.add_argument(
+        "--producer-args", default="", help="extra flags for every producer, one string (e.g. '--dtype bfloat16')"
+    )
     parser.add_argument("--producer-gpus", default="", help="e.g. 0,1: producer i sees GPU list[i %% len] alone")
     parser.add_argument("--trainer-gpus", default="", help="e.g. 2,3: the trainer ranks' CUDA_VISIBLE_DEVICES")
-    parser.add_argument("--tolerate-producer-failures", action="store_true", help="keep going while at least one producer lives")
-    parser.add_argument("--grace-seconds", type=float, default=60.0, help="how long children get to stop before being killed")
+    parser.add_argument(
+        "--tolerate-producer-failures", action="store_true", help="keep going while at least one producer lives"
+    )
+    parser.add_argument(
+        "--grace-seconds", type=float, default=60.0, help="how long children get to stop before being killed"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     return parser
 

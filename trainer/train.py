@@ -41,20 +41,27 @@ from protocol.codec import DTYPES
 from protocol.target import aux_layer_ids
 from trainer.data.sources import ON_MISSING, VAL_RATIO
 from trainer.models.config import ATTENTION_BACKENDS, DRAFT_ARCHS, LOSS_FUNCTIONS, SPECULATOR_TYPES, DraftConfig
+from trainer.stream.config import BATCHES_BUFFERED, StreamConfig
 from trainer.training.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TRACKERS, LoopConfig
 
 logger = logging.getLogger("trainer.train")
 
 _DRAFT_FIXED = ("speculator_type", "verifier_name_or_path", "aux_layer_ids")  # DraftConfig fields not read from flags
-_DRAFT_OVERRIDES = ("ttt_step_loss_decay", "down_sample_ratio", "down_sample_ratio_min", "max_anchors", "loss_fn",
-                    "attention_backend")  # fmt: skip
+_DRAFT_OVERRIDES = (
+    "ttt_step_loss_decay",
+    "down_sample_ratio",
+    "down_sample_ratio_min",
+    "max_anchors",
+    "loss_fn",
+    "attention_backend",
+)
 
 
 def _defaults(cls) -> dict:
     return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
-_LOOP, _DRAFT = _defaults(LoopConfig), _defaults(DraftConfig)
+_LOOP, _DRAFT, _STREAM = _defaults(LoopConfig), _defaults(DraftConfig), _defaults(StreamConfig)
 
 
 def config_kwargs(cls, args: argparse.Namespace, *, given_only: bool = False, skip: tuple[str, ...] = ()) -> dict:
@@ -71,59 +78,138 @@ def config_from_args(cls, args: argparse.Namespace, **extra):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="draftstream train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="draftstream train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     g = p.add_argument_group("model")
-    g.add_argument("--verifier-name-or-path", required=True, help="target (verifier) model: local directory or hub id (only config, index and head shards are fetched)")
+    g.add_argument(
+        "--verifier-name-or-path",
+        required=True,
+        help="target (verifier) model: local directory or hub id (only config, index and head shards are fetched)",
+    )
     g.add_argument("--speculator-type", default="eagle3", choices=SPECULATOR_TYPES)
     g.add_argument("--from-pretrained", default="", help="a saved draft to fine-tune (fresh optimizer)")
     g.add_argument("--num-layers", type=int, default=_DRAFT["num_layers"], help="draft decoder layers")
     g.add_argument("--draft-arch", default=None, choices=DRAFT_ARCHS, help="default: the verifier's family")
     g.add_argument("--draft-vocab-size", type=int, default=None, help="default: the verifier's vocabulary")
     g.add_argument("--token-freq-path", default=None, help="default: <data-path>/token_freq.pt")
-    g.add_argument("--target-layer-ids", type=int, nargs="+", default=None,
-                   help="3 aux ids, or 4 with the last layer N; default 2 N//2 N-3")  # fmt: skip
+    g.add_argument(
+        "--target-layer-ids",
+        type=int,
+        nargs="+",
+        default=None,
+        help="3 aux ids, or 4 with the last layer N; default 2 N//2 N-3",
+    )
     g.add_argument("--norm-before-residual", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--norm-before-fc", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--fc-norm", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--norm-output", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--embed-requires-grad", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--ttt-steps", type=int, default=None, help=f"Eagle-3 training-time-test steps (default {_DRAFT['ttt_steps']})")
+    g.add_argument(
+        "--ttt-steps", type=int, default=None, help=f"Eagle-3 training-time-test steps (default {_DRAFT['ttt_steps']})"
+    )
     g.add_argument("--ttt-step-loss-decay", type=float, default=None)
-    g.add_argument("--num-depths", type=int, default=None, help=f"P-EAGLE parallel depths (default {_DRAFT['num_depths']})")
-    g.add_argument("--down-sample-ratio", type=float, default=None, help=f"P-EAGLE COD ratio r (default {_DRAFT['down_sample_ratio']})")
-    g.add_argument("--down-sample-ratio-min", type=float, default=None, help=f"P-EAGLE COD floor (default {_DRAFT['down_sample_ratio_min']})")
-    g.add_argument("--max-anchors", type=int, default=None, help=f"P-EAGLE COD seeds per batch (default {_DRAFT['max_anchors']})")
+    g.add_argument(
+        "--num-depths", type=int, default=None, help=f"P-EAGLE parallel depths (default {_DRAFT['num_depths']})"
+    )
+    g.add_argument(
+        "--down-sample-ratio",
+        type=float,
+        default=None,
+        help=f"P-EAGLE COD ratio r (default {_DRAFT['down_sample_ratio']})",
+    )
+    g.add_argument(
+        "--down-sample-ratio-min",
+        type=float,
+        default=None,
+        help=f"P-EAGLE COD floor (default {_DRAFT['down_sample_ratio_min']})",
+    )
+    g.add_argument(
+        "--max-anchors", type=int, default=None, help=f"P-EAGLE COD seeds per batch (default {_DRAFT['max_anchors']})"
+    )
     g.add_argument("--mask-token-id", type=int, default=None, help="P-EAGLE mask token (default: resolved)")
     g.add_argument("--loss-fn", default=None, choices=LOSS_FUNCTIONS, help=f"default {_DRAFT['loss_fn']}")
-    g.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS, help=f"default {_DRAFT['attention_backend']}")
+    g.add_argument(
+        "--attention-backend", default=None, choices=ATTENTION_BACKENDS, help=f"default {_DRAFT['attention_backend']}"
+    )
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default="./data", help="prepared dataset (draftstream prepare output)")
-    g.add_argument("--hidden-states-path", default=None, help="hs_{i}.safetensors files; default <data-path>/hidden_states")
-    g.add_argument("--on-missing", default=ON_MISSING[0], choices=ON_MISSING,
-                   help="a missing/unreadable hidden-state file: stop, or leave the sample out (warn: with a warning)")  # fmt: skip
+    g.add_argument(
+        "--hidden-states-path", default=None, help="hs_{i}.safetensors files; default <data-path>/hidden_states"
+    )
+    g.add_argument(
+        "--on-missing",
+        default=ON_MISSING[0],
+        choices=ON_MISSING,
+        help="a missing/unreadable hidden-state file: stop, or leave the sample out (warn: with a warning)",
+    )
     split = g.add_mutually_exclusive_group()
-    split.add_argument("--val-ratio", type=float, default=None, help=f"fraction of rows held out for validation (default {VAL_RATIO})")
+    split.add_argument(
+        "--val-ratio", type=float, default=None, help=f"fraction of rows held out for validation (default {VAL_RATIO})"
+    )
     split.add_argument("--train-data-ratio", type=float, default=None, help="1 - --val-ratio (speculators' name)")
     g.add_argument("--total-seq-len", type=int, default=_LOOP["total_seq_len"], help="tokens per packed batch per rank")
-    g.add_argument("--noise-std", type=float, default=_LOOP["noise_std"], help="uniform noise [-std, std) on aux states, training only")
+    g.add_argument(
+        "--noise-std",
+        type=float,
+        default=_LOOP["noise_std"],
+        help="uniform noise [-std, std) on aux states, training only",
+    )
 
     g = p.add_argument_group("streaming (instead of --hidden-states-path: producers send hidden states live)")
-    g.add_argument("--stream-endpoint", default=None,
-                   help="ipc://DIR or tcp://HOST:PORT; rank r binds control/data at DIR/rank{r}-*.sock or PORT+2r, PORT+2r+1")  # fmt: skip
-    g.add_argument("--buffer-bytes", type=int, default=None, help="replay buffer budget per rank (default: 4 full batches)")
-    g.add_argument("--lease-seconds", type=float, default=120.0, help="a grant not delivered in time goes to another producer")
-    g.add_argument("--stall-timeout", type=float, default=1800.0, help="give up when a batch's samples do not arrive in time")
-    g.add_argument("--reuse", type=int, default=_LOOP["reuse"],
-                   help="train every sample K times per epoch, its uses within --reuse-window samples: the target runs once per K uses")  # fmt: skip
-    g.add_argument("--reuse-window", type=int, default=_LOOP["reuse_window"], help="samples whose --reuse uses are interleaved (the buffer must hold them)")
+    g.add_argument(
+        "--stream-endpoint",
+        default=None,
+        help="ipc://DIR or tcp://HOST:PORT; rank r binds control/data at DIR/rank{r}-*.sock or PORT+2r, PORT+2r+1",
+    )
+    g.add_argument(
+        "--buffer-bytes",
+        type=int,
+        default=None,
+        help=f"replay buffer budget per rank (default: {BATCHES_BUFFERED} full batches)",
+    )
+    g.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=_STREAM["lease_seconds"],
+        help="a grant not delivered in time goes to another producer",
+    )
+    g.add_argument(
+        "--stall-timeout",
+        dest="stall_timeout_seconds",
+        type=float,
+        default=_STREAM["stall_timeout_seconds"],
+        help="give up when a batch's samples do not arrive in time",
+    )
+    g.add_argument(
+        "--reuse",
+        type=int,
+        default=_LOOP["reuse"],
+        help="train every sample K times per epoch, its uses within --reuse-window samples: the target runs once per K uses",
+    )
+    g.add_argument(
+        "--reuse-window",
+        type=int,
+        default=_LOOP["reuse_window"],
+        help="samples whose --reuse uses are interleaved (the buffer must hold them)",
+    )
     g.add_argument("--spill-dir", default=None, help="also write every received sample as hs_{i}.safetensors (tee)")
-    g.add_argument("--skip-nonfinite", action="store_true", help="skip and count samples with NaN/Inf instead of stopping")
-    g.add_argument("--target-dtype", default=None, help="dtype producers capture in (default: the verifier checkpoint's)")
+    g.add_argument(
+        "--skip-nonfinite", action="store_true", help="skip and count samples with NaN/Inf instead of stopping"
+    )
+    g.add_argument(
+        "--target-dtype", default=None, help="dtype producers capture in (default: the verifier checkpoint's)"
+    )
     g.add_argument("--allow-remote", action="store_true", help="allow binding addresses other hosts can reach")
-    g.add_argument("--advertise-host", default=None, help="host name producers should push data to (with tcp:// on 0.0.0.0)")
-    g.add_argument("--curve-secret-key", default=None, help="CURVE: this trainer's secret key file (draftstream keygen)")
+    g.add_argument(
+        "--advertise-host", default=None, help="host name producers should push data to (with tcp:// on 0.0.0.0)"
+    )
+    g.add_argument(
+        "--curve-secret-key", default=None, help="CURVE: this trainer's secret key file (draftstream keygen)"
+    )
     g.add_argument("--curve-authorized-keys", default=None, help="CURVE: directory of producer public keys allowed in")
 
     g = p.add_argument_group("training")
@@ -137,20 +223,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--muon-momentum", type=float, default=_LOOP["muon_momentum"])
     g.add_argument("--muon-weight-decay", type=float, default=_LOOP["muon_weight_decay"])
     g.add_argument("--scheduler-type", default=_LOOP["scheduler_type"], choices=SCHEDULERS)
-    g.add_argument("--scheduler-warmup-steps", "--warmup-steps", dest="warmup_steps", type=int, default=_LOOP["warmup_steps"])
-    g.add_argument("--scheduler-warmup-ratio", "--warmup-ratio", dest="warmup_ratio", type=float, default=_LOOP["warmup_ratio"])
-    g.add_argument("--scheduler-num-cosine-cycles", dest="num_cosine_cycles", type=float, default=_LOOP["num_cosine_cycles"])
+    g.add_argument(
+        "--scheduler-warmup-steps", "--warmup-steps", dest="warmup_steps", type=int, default=_LOOP["warmup_steps"]
+    )
+    g.add_argument(
+        "--scheduler-warmup-ratio", "--warmup-ratio", dest="warmup_ratio", type=float, default=_LOOP["warmup_ratio"]
+    )
+    g.add_argument(
+        "--scheduler-num-cosine-cycles", dest="num_cosine_cycles", type=float, default=_LOOP["num_cosine_cycles"]
+    )
     g.add_argument("--max-grad-norm", type=float, default=_LOOP["max_grad_norm"], help="0 disables clipping")
-    g.add_argument("--grad-accum-steps", type=int, default=_LOOP["grad_accum_steps"], help="batches per rank per optimizer step")
+    g.add_argument(
+        "--grad-accum-steps", type=int, default=_LOOP["grad_accum_steps"], help="batches per rank per optimizer step"
+    )
     g.add_argument("--seed", type=int, default=_LOOP["seed"])
     g.add_argument("--device", default="auto", help="auto, cpu, cuda (cuda:LOCAL_RANK under torchrun)")
-    g.add_argument("--precision", default=_LOOP["precision"], choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
+    g.add_argument(
+        "--precision", default=_LOOP["precision"], choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU"
+    )
 
     g = p.add_argument_group("checkpoints and logs")
-    g.add_argument("--checkpoint-freq", type=int, default=_LOOP["checkpoint_freq"], help="epochs between epoch checkpoints")
-    g.add_argument("--save-every-steps", type=int, default=_LOOP["save_every_steps"],
-                   help="also write <save-path>/latest/ every N steps")  # fmt: skip
-    g.add_argument("--save-best", action="store_true", help="accepted for speculators compatibility; checkpoint_best is always kept")
+    g.add_argument(
+        "--checkpoint-freq", type=int, default=_LOOP["checkpoint_freq"], help="epochs between epoch checkpoints"
+    )
+    g.add_argument(
+        "--save-every-steps",
+        type=int,
+        default=_LOOP["save_every_steps"],
+        help="also write <save-path>/latest/ every N steps",
+    )
+    g.add_argument(
+        "--save-best",
+        action="store_true",
+        help="accepted for speculators compatibility; checkpoint_best is always kept",
+    )
     g.add_argument("--no-resume-from-checkpoint", action="store_true", help="ignore checkpoints already in --save-path")
     g.add_argument("--log-every", type=int, default=_LOOP["log_every"], help="steps between log lines")
     g.add_argument("--tracker", "--logger", dest="tracker", default=_LOOP["tracker"], choices=TRACKERS)
@@ -188,12 +294,13 @@ def main(argv: list[str] | None = None, *, make_file_source: Callable | None = N
     args = build_parser().parse_args(argv)
     from protocol.dataset import PreparedDataset
     from protocol.logs import setup_logging
+    from trainer.data.batch import make_filler_batch
     from trainer.data.sources import FileSampleSource, split_train_val
     from trainer.models.export import build_draft, load_draft, save_draft
     from trainer.models.verifier import read_verifier_config
     from trainer.training import checkpoint as ckpt
     from trainer.training.distributed import broadcast_ids, close_distributed, init_distributed, shard_model
-    from trainer.training.loop import Trainer, make_filler_batch
+    from trainer.training.loop import Trainer
 
     try:
         env = init_distributed(args.device)
@@ -212,7 +319,9 @@ def main(argv: list[str] | None = None, *, make_file_source: Callable | None = N
             train_ids, val_ids = split_train_val(len(dataset), val_ratio=_val_ratio(args), seed=args.seed)
             if args.stream_endpoint:
                 if args.hidden_states_path:
-                    raise ValueError("give --hidden-states-path (files) or --stream-endpoint (live producers), not both")
+                    raise ValueError(
+                        "give --hidden-states-path (files) or --stream-endpoint (live producers), not both"
+                    )
                 source = _stream_source(args, env, dataset, verifier_config, aux_ids)
                 num_captured, hs_dtype = len(aux_ids) + 1, DTYPES[source.target.dtype]
             else:
@@ -247,8 +356,12 @@ def main(argv: list[str] | None = None, *, make_file_source: Callable | None = N
                 logger.info("fine-tuning from %s", args.from_pretrained)
                 model = load_draft(args.from_pretrained, verifier_name_or_path=args.verifier_name_or_path, **overrides)
             else:
-                config = DraftConfig(speculator_type=args.speculator_type, verifier_name_or_path=args.verifier_name_or_path,
-                                     aux_layer_ids=aux_ids, **draft_kwargs)  # fmt: skip
+                config = DraftConfig(
+                    speculator_type=args.speculator_type,
+                    verifier_name_or_path=args.verifier_name_or_path,
+                    aux_layer_ids=aux_ids,
+                    **draft_kwargs,
+                )
                 model = build_draft(config, _token_freq(args))
             if list(model.config.aux_layer_ids) != aux_ids:
                 raise ValueError(
@@ -260,17 +373,27 @@ def main(argv: list[str] | None = None, *, make_file_source: Callable | None = N
 
         model = shard_model(model, env, bf16=loop_config.bf16(env.device))
         trainer = Trainer(
-            model=model, config=loop_config, env=env, train_source=source, train_ids=train_ids,
-            val_ids=val_ids, filler=make_filler_batch(num_layers=num_captured, hidden_size=hidden, dtype=hs_dtype),
-            save_draft=save_draft, run_config=vars(args),
-        )  # fmt: skip
+            model=model,
+            config=loop_config,
+            env=env,
+            train_source=source,
+            train_ids=train_ids,
+            val_ids=val_ids,
+            filler=make_filler_batch(num_layers=num_captured, hidden_size=hidden, dtype=hs_dtype),
+            save_draft=save_draft,
+            run_config=vars(args),
+        )
         if resume_dir is not None:
             trainer.restore(resume_dir)
         logger.info(
             "%s draft, %d trainable parameters, %d train / %d validation samples, world %d, %d steps planned",
-            model.config.speculator_type, sum(p.numel() for p in trainer.params), len(train_ids), len(val_ids),
-            env.world_size, trainer.total_steps,
-        )  # fmt: skip
+            model.config.speculator_type,
+            sum(p.numel() for p in trainer.params),
+            len(train_ids),
+            len(val_ids),
+            env.world_size,
+            trainer.total_steps,
+        )
         try:
             result = trainer.fit()
         finally:
@@ -283,9 +406,9 @@ def main(argv: list[str] | None = None, *, make_file_source: Callable | None = N
 
 def _stream_source(args: argparse.Namespace, env, dataset, verifier_config: dict, aux_ids: list[int]):
     """This rank's live sample source: binds its endpoints and waits for producers."""
+    from protocol.sockets import CurveKeys
     from protocol.target import TargetSpec
-    from protocol.sockets import CurveKeys, SocketConfig
-    from trainer.stream.source import StreamConfig, StreamSampleSource
+    from trainer.stream.source import StreamSampleSource
 
     num_layers = int(verifier_config["num_hidden_layers"])
     dtype = args.target_dtype or str(verifier_config.get("dtype") or verifier_config.get("torch_dtype") or "float32")
@@ -299,24 +422,18 @@ def _stream_source(args: argparse.Namespace, env, dataset, verifier_config: dict
         vocab_size=int(verifier_config["vocab_size"]),
         dataset_fingerprint=dataset.fingerprint,
     )
-    config = StreamConfig(
+    curve = None
+    if args.curve_secret_key:
+        authorized = Path(args.curve_authorized_keys) if args.curve_authorized_keys else None
+        curve = CurveKeys(secret_file=Path(args.curve_secret_key), authorized_keys_dir=authorized)
+    socket = dataclasses.replace(StreamConfig.default_socket(), allow_remote=args.allow_remote, curve=curve)
+    config = config_from_args(
+        StreamConfig,
+        args,
         rank=env.rank,
         endpoint=args.stream_endpoint,
-        advertise_host=args.advertise_host,
-        buffer_bytes=args.buffer_bytes,
         batch_tokens=args.total_seq_len * args.grad_accum_steps,
-        lease_seconds=args.lease_seconds,
-        stall_timeout_seconds=args.stall_timeout,
-        skip_nonfinite=args.skip_nonfinite,
-        spill_dir=args.spill_dir,
-        socket=SocketConfig(
-            sndhwm=64,
-            rcvhwm=8,
-            allow_remote=args.allow_remote,
-            curve=CurveKeys(secret_file=Path(args.curve_secret_key), authorized_keys_dir=args.curve_authorized_keys and Path(args.curve_authorized_keys))
-            if args.curve_secret_key
-            else None,
-        ),
+        socket=socket,
     )
     if args.spill_dir:
         Path(args.spill_dir).mkdir(parents=True, exist_ok=True)
@@ -326,7 +443,12 @@ def _stream_source(args: argparse.Namespace, env, dataset, verifier_config: dict
         lengths=lambda sid: dataset.lengths([sid])[0],
         expected_tokens=lambda sid: dataset.row(sid)[0],
     ).start()
-    logger.info("streaming: control %s, data %s, buffer %.1f MB", source.control_endpoint, source.data_endpoint, source.buffer.budget_bytes / 1e6)
+    logger.info(
+        "streaming: control %s, data %s, buffer %.1f MB",
+        source.control_endpoint,
+        source.data_endpoint,
+        source.buffer.budget_bytes / 1e6,
+    )
     return source
 
 

@@ -72,7 +72,9 @@ class VLLMBackendConfig:
         if self.endpoint is not None and not self.endpoint.startswith(("http://", "https://")):
             raise ValueError(f"--endpoint must be the server's http://HOST:PORT, got {self.endpoint!r}")
         if self.endpoint is not None and self.engine_args:
-            raise ValueError("--vllm-engine-args configure the in-process engine; a server (--endpoint) takes them at launch")
+            raise ValueError(
+                "--vllm-engine-args configure the in-process engine; a server (--endpoint) takes them at launch"
+            )
 
 
 @dataclasses.dataclass
@@ -93,13 +95,27 @@ class Engine(Protocol):
 class InProcessEngine:
     """``vllm.LLM`` with hidden-state capture and our connector, in this process."""
 
-    def __init__(self, model: str, *, layer_ids: list[int], dtype: str, engine_args: dict[str, Any], connector_extra: dict[str, Any]):
+    def __init__(
+        self,
+        model: str,
+        *,
+        layer_ids: list[int],
+        dtype: str,
+        engine_args: dict[str, Any],
+        connector_extra: dict[str, Any],
+    ):
         from vllm import LLM
 
-        self.llm = LLM(**self.llm_kwargs(model, layer_ids=layer_ids, dtype=dtype, engine_args=engine_args, connector_extra=connector_extra))
+        self.llm = LLM(
+            **self.llm_kwargs(
+                model, layer_ids=layer_ids, dtype=dtype, engine_args=engine_args, connector_extra=connector_extra
+            )
+        )
 
     @staticmethod
-    def llm_kwargs(model: str, *, layer_ids: list[int], dtype: str, engine_args: dict[str, Any], connector_extra: dict[str, Any]) -> dict[str, Any]:
+    def llm_kwargs(
+        model: str, *, layer_ids: list[int], dtype: str, engine_args: dict[str, Any], connector_extra: dict[str, Any]
+    ) -> dict[str, Any]:
         """``vllm.LLM`` arguments: capture ``layer_ids`` with our connector, plus the user's extras."""
         from producer.vllm.launch import kv_transfer_config, speculative_config
 
@@ -153,7 +169,9 @@ class HTTPEngine:
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.base + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return json.loads(response.read())
@@ -161,7 +179,9 @@ class HTTPEngine:
             detail = e.read().decode(errors="replace")[:500]
             raise RuntimeError(f"{method} {self.base}{path}: HTTP {e.code}: {detail}") from None
         except urllib.error.URLError as e:
-            raise ConnectionError(f"{method} {self.base}{path}: {e.reason}; is the server up (draftstream launch-vllm)?") from None
+            raise ConnectionError(
+                f"{method} {self.base}{path}: {e.reason}; is the server up (draftstream launch-vllm)?"
+            ) from None
 
     @staticmethod
     def completion_body(model: str, ids: list[int], kv_transfer_params: dict[str, Any]) -> dict[str, Any]:
@@ -329,7 +349,9 @@ class VLLMBackend:
                 continue
             sample_id = self._live.pop(message.ticket, None)
             if sample_id is not None:
-                reports.append(Delivered(ticket=message.ticket, sample_id=sample_id, ok=message.ok, reason=message.reason))
+                reports.append(
+                    Delivered(ticket=message.ticket, sample_id=sample_id, ok=message.ok, reason=message.reason)
+                )
 
     @property
     def num_unreported(self) -> int:

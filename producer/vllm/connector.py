@@ -90,7 +90,9 @@ def sender_config(extra: dict[str, Any]) -> SenderConfig:
     """``kv_connector_extra_config`` -> ``SenderConfig``; unknown keys are an error, not a silent no-op."""
     unknown = sorted(set(extra) - _EXTRA_KEYS)
     if unknown:
-        raise ValueError(f"DraftstreamConnector: unknown kv_connector_extra_config keys {unknown}; known: {sorted(_EXTRA_KEYS)}")
+        raise ValueError(
+            f"DraftstreamConnector: unknown kv_connector_extra_config keys {unknown}; known: {sorted(_EXTRA_KEYS)}"
+        )
     fields = {k: extra[k] for k in _EXTRA_KEYS - {"curve_secret_key", "curve_server_key"} if k in extra}
     secret, server = extra.get("curve_secret_key"), extra.get("curve_server_key")
     if bool(secret) != bool(server):
@@ -125,9 +127,13 @@ class DraftstreamConnector(KVConnectorBase_V1, SupportsHMA):
                 "DraftstreamConnector needs --speculative-config with method extract_hidden_states "
                 "(draftstream launch-vllm sets it)"
             )
-        self.layer_ids = [int(k) for k in getattr(spec.draft_model_config.hf_config, "eagle_aux_hidden_state_layer_ids", None) or []]
+        self.layer_ids = [
+            int(k) for k in getattr(spec.draft_model_config.hf_config, "eagle_aux_hidden_state_layer_ids", None) or []
+        ]
         if not self.layer_ids:
-            raise ValueError("extract_hidden_states needs draft_model_config.hf_config.eagle_aux_hidden_state_layer_ids")
+            raise ValueError(
+                "extract_hidden_states needs draft_model_config.hf_config.eagle_aux_hidden_state_layer_ids"
+            )
         self.hidden_size = vllm_config.model_config.get_hidden_size()
         self.dtype = DTYPE_NAMES.get(vllm_config.model_config.dtype, str(vllm_config.model_config.dtype))
         self._group_id = hidden_state_group_id(kv_cache_config)
@@ -179,7 +185,9 @@ class DraftstreamConnector(KVConnectorBase_V1, SupportsHMA):
         capture = {"layer_ids": self.layer_ids, "hidden_size": self.hidden_size, "dtype": self.dtype}
         return True, {PARAMS_KEY: {"sample_id": route.sample_id, "num_tokens": len(prompt), **capture}}
 
-    def request_finished_all_groups(self, request: Request, block_ids: tuple[list[int], ...]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
         if not 0 <= self._group_id < len(block_ids):  # never scheduled: no blocks in any group
             return False, None
         return self.request_finished(request, block_ids[self._group_id])
@@ -248,7 +256,9 @@ class DraftstreamConnector(KVConnectorBase_V1, SupportsHMA):
         tracked = {f.req_id for f in self._waiting} | set(self._copies)
         self._finished_ids |= {r for r in finished_req_ids if r in tracked}
         self._start_copies()
-        done = {r for r in self._finished_ids if r in self._copies and (self._copies[r] is None or self._copies[r].done())}
+        done = {
+            r for r in self._finished_ids if r in self._copies and (self._copies[r] is None or self._copies[r].done())
+        }
         for r in done:
             del self._copies[r]
         self._finished_ids -= done

@@ -74,7 +74,9 @@ def connector_extra_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.send_timeout is not None:
         extra["send_timeout_seconds"] = args.send_timeout
     if bool(args.curve_secret_key) != bool(args.curve_server_key):
-        raise ValueError("CURVE needs both --curve-secret-key (this host's) and --curve-server-key (the trainer's public key)")
+        raise ValueError(
+            "CURVE needs both --curve-secret-key (this host's) and --curve-server-key (the trainer's public key)"
+        )
     if args.curve_secret_key:
         extra["curve_secret_key"] = os.path.abspath(args.curve_secret_key)
         extra["curve_server_key"] = os.path.abspath(args.curve_server_key)
@@ -84,7 +86,9 @@ def connector_extra_config(args: argparse.Namespace) -> dict[str, Any]:
 def build_command(args: argparse.Namespace, serve_args: list[str]) -> list[str]:
     for arg in serve_args:
         if arg.split("=", 1)[0] in _OWNED_FLAGS:
-            raise ValueError(f"{arg.split('=', 1)[0]} is set by launch-vllm; use --target-layer-ids and its other flags instead")
+            raise ValueError(
+                f"{arg.split('=', 1)[0]} is set by launch-vllm; use --target-layer-ids and its other flags instead"
+            )
     layer_ids = resolve_layer_ids(args.model, args.target_layer_ids)
     return [
         args.vllm,
@@ -105,12 +109,37 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Arguments after `--` go to `vllm serve` unchanged, e.g. -- --port 8000 --max-model-len 8192",
     )
     parser.add_argument("model", help="target model: local folder or hub id (as for vllm serve)")
-    parser.add_argument("--target-layer-ids", type=int, nargs="+", default=None, help="layer ids to capture, last included (default: 2 N//2 N-3 N)")
-    parser.add_argument("--spill-dir", action="append", default=[], help="allow file:// destinations under DIR (produce --backend vllm --spill); repeatable")
-    parser.add_argument("--max-pending-bytes", type=int, default=None, help="host memory for copied samples not yet sent (default 4 GiB)")
-    parser.add_argument("--max-pending-samples", type=int, default=None, help="samples copied but not yet sent (default 64)")
-    parser.add_argument("--send-timeout", type=float, default=None, help="seconds a trainer may take no data before a sample is reported failed (default 60)")
-    parser.add_argument("--curve-secret-key", default=None, help="CURVE secret key file of this host (trainer data endpoints use CURVE)")
+    parser.add_argument(
+        "--target-layer-ids",
+        type=int,
+        nargs="+",
+        default=None,
+        help="layer ids to capture, last included (default: 2 N//2 N-3 N)",
+    )
+    parser.add_argument(
+        "--spill-dir",
+        action="append",
+        default=[],
+        help="allow file:// destinations under DIR (produce --backend vllm --spill); repeatable",
+    )
+    parser.add_argument(
+        "--max-pending-bytes",
+        type=int,
+        default=None,
+        help="host memory for copied samples not yet sent (default 4 GiB)",
+    )
+    parser.add_argument(
+        "--max-pending-samples", type=int, default=None, help="samples copied but not yet sent (default 64)"
+    )
+    parser.add_argument(
+        "--send-timeout",
+        type=float,
+        default=None,
+        help="seconds a trainer may take no data before a sample is reported failed (default 60)",
+    )
+    parser.add_argument(
+        "--curve-secret-key", default=None, help="CURVE secret key file of this host (trainer data endpoints use CURVE)"
+    )
     parser.add_argument("--curve-server-key", default=None, help="the trainer's CURVE public key file")
     parser.add_argument("--vllm", default="vllm", help="the vllm executable (default: vllm on PATH)")
     parser.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
@@ -133,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         os.execvp(command[0], command)
     except FileNotFoundError:
-        print(f"draftstream launch-vllm: error: {command[0]!r} not found; install vLLM or pass --vllm PATH", file=sys.stderr)
+        print(
+            f"draftstream launch-vllm: error: {command[0]!r} not found; install vLLM or pass --vllm PATH",
+            file=sys.stderr,
+        )
         return 1
     return 0  # not reached
 

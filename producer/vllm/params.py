@@ -30,7 +30,9 @@ def loss_mask_spans(loss_mask: torch.Tensor) -> list[list[int]]:
     mask = loss_mask.reshape(-1).to(torch.bool)
     if mask.numel() == 0:
         return []
-    edges = torch.diff(mask.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8), append=torch.zeros(1, dtype=torch.int8))
+    edges = torch.diff(
+        mask.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8), append=torch.zeros(1, dtype=torch.int8)
+    )
     starts = torch.nonzero(edges == 1).flatten().tolist()
     ends = torch.nonzero(edges == -1).flatten().tolist()
     return [[s, e] for s, e in zip(starts, ends)]

@@ -50,11 +50,15 @@ _CLOSE_LINGER_S = 10.0
 def gather_rows(cache_NLBH: torch.Tensor, block_ids: Sequence[int], num_tokens: int) -> torch.Tensor:
     """The request's ``[T, L, H]`` rows, on the cache's device (a fresh tensor, not a view)."""
     if cache_NLBH.dim() != 4:
-        raise ValueError(f"hidden-state cache must be [blocks, layers, block size, hidden], got {tuple(cache_NLBH.shape)}")
+        raise ValueError(
+            f"hidden-state cache must be [blocks, layers, block size, hidden], got {tuple(cache_NLBH.shape)}"
+        )
     _, num_layers, block_size, hidden = cache_NLBH.shape
     num_blocks = math.ceil(num_tokens / block_size)
     if len(block_ids) < num_blocks:
-        raise ValueError(f"{num_tokens} tokens need {num_blocks} blocks of {block_size}, the request holds {len(block_ids)}")
+        raise ValueError(
+            f"{num_tokens} tokens need {num_blocks} blocks of {block_size}, the request holds {len(block_ids)}"
+        )
     index = torch.as_tensor(list(block_ids[:num_blocks]), dtype=torch.long).to(cache_NLBH.device, non_blocking=True)
     rows_nLBH = cache_NLBH.index_select(0, index)
     return rows_nLBH.transpose(1, 2).reshape(num_blocks * block_size, num_layers, hidden)[:num_tokens]
@@ -190,7 +194,9 @@ class HSSender:
 
     def fail(self, route: SampleRoute, reason: str) -> None:
         """Report a request whose rows never made it into a job (bad params, copy error)."""
-        logger.error("sample %d (epoch %d, lease %d) not delivered: %s", route.sample_id, route.epoch, route.lease_id, reason)
+        logger.error(
+            "sample %d (epoch %d, lease %d) not delivered: %s", route.sample_id, route.epoch, route.lease_id, reason
+        )
         with self._cond:
             if not self._closed:
                 self._items.append(_Failure(route, reason))
@@ -210,7 +216,9 @@ class HSSender:
                 self._cond.notify()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            logger.warning("hidden-state sender still busy after %.0fs; %d samples undelivered", timeout, self.num_pending)
+            logger.warning(
+                "hidden-state sender still busy after %.0fs; %d samples undelivered", timeout, self.num_pending
+            )
 
     # ---- sender thread ---------------------------------------------------------------------
 
@@ -272,7 +280,9 @@ class HSSender:
                 )
                 sock = data.get(route.destination)
                 if sock is None:
-                    sock = data[route.destination] = make_socket(ctx, zmq.PUSH, self.config.data_socket, connect=route.destination)
+                    sock = data[route.destination] = make_socket(
+                        ctx, zmq.PUSH, self.config.data_socket, connect=route.destination
+                    )
                     sock.setsockopt(zmq.SNDTIMEO, int(self.config.send_timeout_seconds * 1000))
                 try:
                     send_message(sock, sample, chunk_bytes=self.config.chunk_bytes)
@@ -302,7 +312,9 @@ class HSSender:
         message = Delivered(ticket=route.ticket, sample_id=route.sample_id, ok=not reason, reason=reason)
         sock = reports.get(route.report)
         if sock is None:
-            sock = reports[route.report] = make_socket(ctx, zmq.PUSH, SocketConfig(sndhwm=1000, rcvhwm=4), connect=route.report)
+            sock = reports[route.report] = make_socket(
+                ctx, zmq.PUSH, SocketConfig(sndhwm=1000, rcvhwm=4), connect=route.report
+            )
         try:
             send_message(sock, message, flags=zmq.NOBLOCK)
         except zmq.Again:  # the producer is gone or far behind: it falls back on its own timeout

@@ -37,8 +37,12 @@ def test_pipeline_bench_measures_four_modes_and_prints_a_json_line_last(capsys, 
     assert modes["trainer_alone"]["preloaded_samples"] == offline["hs_files"]
 
     summary = result["summary"]
-    for key in ("streaming_over_max_alone", "streaming_over_max_alone_wall", "streaming_over_offline",
-                "machine_bound_over_max_alone"):  # fmt: skip
+    for key in (
+        "streaming_over_max_alone",
+        "streaming_over_max_alone_wall",
+        "streaming_over_offline",
+        "machine_bound_over_max_alone",
+    ):
         assert summary[key] is not None and math.isfinite(summary[key]) and summary[key] > 0, key
     assert 0 <= summary["stall_pct"] <= 100
     assert 0 < result["cpu_capacity"]["effective_cores"] <= 2.5

@@ -8,7 +8,19 @@ from bench import transport
 
 
 def test_transport_bench_prints_a_table_and_a_json_line_last(capsys):
-    argv = ["--tokens", "16", "--transports", "ipc", "tcp", "--repeats", "1", "--bytes-per-run-mib", "2", "--latency-messages", "2"]
+    argv = [
+        "--tokens",
+        "16",
+        "--transports",
+        "ipc",
+        "tcp",
+        "--repeats",
+        "1",
+        "--bytes-per-run-mib",
+        "2",
+        "--latency-messages",
+        "2",
+    ]
     assert transport.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])

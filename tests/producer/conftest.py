@@ -24,5 +24,9 @@ def prepared_llama(tmp_path_factory, tiny_llama, conversations_jsonl):
     from producer.prepare import PrepareConfig, prepare_dataset
 
     out = tmp_path_factory.mktemp("prepared") / "llama"
-    prepare_dataset(PrepareConfig(model=str(tiny_llama), data=[str(conversations_jsonl)], output=str(out), num_workers=1, seq_length=256))
+    prepare_dataset(
+        PrepareConfig(
+            model=str(tiny_llama), data=[str(conversations_jsonl)], output=str(out), num_workers=1, seq_length=256
+        )
+    )
     return out

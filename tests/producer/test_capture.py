@@ -36,7 +36,9 @@ def test_slots_are_residual_stream_entering_each_layer_and_last_slot_gives_logit
     num_layers = reference.config.num_hidden_layers
     layer_ids = list(range(num_layers + 1))
     # One row per forward, like the reference: the batched path has its own test below.
-    capture = HFCapture(CaptureConfig(model=str(path), dtype=dtype, device="cpu", layer_ids=layer_ids, max_batch_tokens=1))
+    capture = HFCapture(
+        CaptureConfig(model=str(path), dtype=dtype, device="cpu", layer_ids=layer_ids, max_batch_tokens=1)
+    )
     rows = _rows([23, 7, 40], reference.config.vocab_size)
 
     samples = list(capture.capture(rows))

@@ -91,13 +91,24 @@ def test_conversation_without_assistant_turn_gives_empty_mask_not_an_error(token
 
 
 def test_sharegpt_and_openai_turns_normalise_to_the_same_messages():
-    sharegpt = [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}, {"from": "tool", "value": "T"}]
-    openai = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, {"role": "tool", "content": "T"}]
+    sharegpt = [
+        {"from": "system", "value": "S"},
+        {"from": "human", "value": "Q"},
+        {"from": "gpt", "value": "A"},
+        {"from": "tool", "value": "T"},
+    ]
+    openai = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "A"},
+        {"role": "tool", "content": "T"},
+    ]
     assert normalize_turns(sharegpt) == normalize_turns(openai) == openai
 
 
 @pytest.mark.parametrize(
-    "turns", [[], None, [{"from": "narrator", "value": "x"}], [{"role": "user", "content": [{"type": "image"}]}], ["text"]]
+    "turns",
+    [[], None, [{"from": "narrator", "value": "x"}], [{"role": "user", "content": [{"type": "image"}]}], ["text"]],
 )
 def test_unusable_turns_are_malformed(turns):
     with pytest.raises(MalformedConversation):

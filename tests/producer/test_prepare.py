@@ -80,8 +80,10 @@ def test_pretokenized_rows_pass_through_and_malformed_rows_are_counted(tiny_llam
     pretokenized.write_text("".join(json.dumps(r) + "\n" for r in rows))
     broken = tmp_path / "broken.jsonl"
     broken.write_text(
-        json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "narrator", "value": "x"}]}) + "\n"
-        + json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "Hello."}]}) + "\n"
+        json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "narrator", "value": "x"}]})
+        + "\n"
+        + json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "Hello."}]})
+        + "\n"
     )
     summary = _prepare(tiny_llama, [pretokenized, broken], tmp_path / "out", seq_length=24)
 
@@ -106,7 +108,9 @@ def test_existing_output_is_left_alone_unless_overwrite(tiny_llama, conversation
     _prepare(tiny_llama, [conversations_jsonl], out, max_samples=4)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
 
-    code = main(["--model", str(tiny_llama), "--data", str(conversations_jsonl), "--output", str(out), "--num-workers", "1"])
+    code = main(
+        ["--model", str(tiny_llama), "--data", str(conversations_jsonl), "--output", str(out), "--num-workers", "1"]
+    )
     assert code == 1 and "--overwrite" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 

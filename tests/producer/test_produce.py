@@ -122,7 +122,9 @@ def test_nonfinite_capture_stops_produce_naming_the_row(poisoned_llama, prepared
 
 def test_skip_nonfinite_counts_skipped_rows_and_validation_still_passes(poisoned_llama, prepared_llama, tmp_path):
     model, poisoned_rows = poisoned_llama
-    report = produce(_config(model, prepared_llama, tmp_path / "spill", max_samples=12, skip_nonfinite=True, validate=True))
+    report = produce(
+        _config(model, prepared_llama, tmp_path / "spill", max_samples=12, skip_nonfinite=True, validate=True)
+    )
     assert report.num_skipped_nonfinite == len(poisoned_rows) and report.num_written == 12 - len(poisoned_rows)
     assert sorted(set(range(12)) - set(list_hs_indices(tmp_path / "spill"))) == poisoned_rows
     assert report.validation.passed
@@ -195,7 +197,9 @@ def prepared_long(tmp_path_factory, tiny_llama):
 
     root = tmp_path_factory.mktemp("long")
     source = write_conversations(root / "c.jsonl", 160, seed=21)
-    prepare_dataset(PrepareConfig(model=str(tiny_llama), data=[str(source)], output=str(root / "prepared"), num_workers=1))
+    prepare_dataset(
+        PrepareConfig(model=str(tiny_llama), data=[str(source)], output=str(root / "prepared"), num_workers=1)
+    )
     return root / "prepared"
 
 
@@ -209,9 +213,19 @@ def _draftstream() -> list[str]:
 def test_produce_killed_mid_run_resumes_and_every_file_validates(tiny_llama, prepared_long, tmp_path):
     spill = tmp_path / "spill"
     command = [
-        *_draftstream(), "produce", "--model", str(tiny_llama), "--data", str(prepared_long),
-        "--spill", str(spill), "--device", "cpu", "--max-batch-tokens", "256",
-    ]  # fmt: skip
+        *_draftstream(),
+        "produce",
+        "--model",
+        str(tiny_llama),
+        "--data",
+        str(prepared_long),
+        "--spill",
+        str(spill),
+        "--device",
+        "cpu",
+        "--max-batch-tokens",
+        "256",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

@@ -45,7 +45,9 @@ def test_nonfinite_capture_is_an_error_naming_the_row_and_the_flag(tmp_path):
     sink = SpillSink(SpillConfig(directory=str(tmp_path)))
     sink.put(_sample(1))
     sink.put(_sample(7, poison=(2, 3)))
-    with pytest.raises(NonFiniteCaptureError, match=r"row 7: .*1 of 6 token positions \(capture slots \[3\]\).*--skip-nonfinite"):
+    with pytest.raises(
+        NonFiniteCaptureError, match=r"row 7: .*1 of 6 token positions \(capture slots \[3\]\).*--skip-nonfinite"
+    ):
         sink.close()
     assert list_hs_indices(tmp_path) == [1]
     sink.close()  # idempotent, and the error was reported once

@@ -49,6 +49,9 @@ def test_freed_frames_stay_mapped_for_reuse_only_when_tuned():
 def test_tuning_is_idempotent():
     out = subprocess.run(
         [sys.executable, "-c", "from protocol.allocator import keep_freed_frames as k; print(k(), k())"],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     assert out.stdout.split() == ["True", "True"]

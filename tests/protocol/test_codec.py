@@ -22,7 +22,7 @@ from protocol.messages import (
     Sample,
     Welcome,
 )
-from tests.protocol.probe import Probe, probe_kind  # noqa: F401  (fixture)
+from tests.protocol.probe import Probe
 
 
 def make_sample(num_tokens=16, num_layers=4, hidden=32, dtype=torch.bfloat16, sample_id=7):
@@ -32,12 +32,21 @@ def make_sample(num_tokens=16, num_layers=4, hidden=32, dtype=torch.bfloat16, sa
         lease_id=11,
         token_ids=torch.arange(num_tokens, dtype=torch.int64),
         loss_mask=(torch.arange(num_tokens) % 2).to(torch.uint8),
-        hidden_states=torch.randn(num_tokens, num_layers, hidden, generator=torch.Generator().manual_seed(sample_id)).to(dtype),
+        hidden_states=torch.randn(
+            num_tokens, num_layers, hidden, generator=torch.Generator().manual_seed(sample_id)
+        ).to(dtype),
     )
 
 
 CONTROL_MESSAGES = [
-    Hello(producer_id="producer-0", target_model="tiny", layer_ids=[2, 4, 7, 10], hidden_size=64, dtype="bfloat16", vocab_size=1000),
+    Hello(
+        producer_id="producer-0",
+        target_model="tiny",
+        layer_ids=[2, 4, 7, 10],
+        hidden_size=64,
+        dtype="bfloat16",
+        vocab_size=1000,
+    ),
     Welcome(accepted=False, reason="layer ids differ", trainer_rank=1, data_endpoint="ipc:///tmp/x"),
     Grant(lease_id=3, epoch=1, sample_ids=[5, 9, 2], deadline_s=30.0),
     LeaseDone(lease_id=3, num_samples=3),
@@ -86,7 +95,14 @@ def test_empty_sample_round_trips_with_no_data_frames():
 def test_non_contiguous_tensors_round_trip_as_their_values():
     hidden = torch.randn(4, 32, 10).to(torch.bfloat16).permute(2, 0, 1)  # [10, 4, 32], non-contiguous
     assert not hidden.is_contiguous()
-    sample = Sample(sample_id=1, epoch=0, lease_id=0, token_ids=torch.arange(20)[::2], loss_mask=torch.ones(10, dtype=torch.bool), hidden_states=hidden)
+    sample = Sample(
+        sample_id=1,
+        epoch=0,
+        lease_id=0,
+        token_ids=torch.arange(20)[::2],
+        loss_mask=torch.ones(10, dtype=torch.bool),
+        hidden_states=hidden,
+    )
     decoded = decode(encode(sample))
     assert torch.equal(decoded.hidden_states, hidden) and decoded.hidden_states.is_contiguous()
     assert torch.equal(decoded.token_ids, torch.arange(0, 20, 2))
@@ -153,7 +169,12 @@ def test_zero_copy_decode_leaves_a_chunked_tensor_in_its_frames():
     decoded = decode(frames, copy=False)
     hidden = decoded.hidden_states
     assert isinstance(hidden, FramedTensor) and len(hidden.parts) == 8 == len(frames) - 4
-    assert (hidden.shape, hidden.dtype, hidden.dim(), hidden.nbytes) == (sample.hidden_states.shape, torch.bfloat16, 3, 128 << 10)
+    assert (hidden.shape, hidden.dtype, hidden.dim(), hidden.nbytes) == (
+        sample.hidden_states.shape,
+        torch.bfloat16,
+        3,
+        128 << 10,
+    )
     assert decoded == sample and decoded.nbytes == sample.nbytes
     assert isinstance(decoded.token_ids, torch.Tensor)  # small tensors are copied regardless
     # Viewed, not copied: a byte changed in the last frame shows in the decoded tensor.

@@ -18,8 +18,13 @@ MAX_BYTES = 1 << 20
 
 def seeds() -> list[list[bytes]]:
     shapes = [(0, 8, torch.float32), (5, 8, torch.bfloat16), (40, 8, torch.float16), (40, 256, torch.float16)]
-    samples = [make_sample(num_tokens=n, hidden=h, dtype=d) for n, h, d in shapes]  # the last one is viewed by copy=False
-    return [[bytes(f) for f in encode(m, chunk_bytes=16384 if getattr(m, "nbytes", 0) > 65536 else 4096)] for m in [*CONTROL_MESSAGES, *samples]]
+    samples = [
+        make_sample(num_tokens=n, hidden=h, dtype=d) for n, h, d in shapes
+    ]  # the last one is viewed by copy=False
+    return [
+        [bytes(f) for f in encode(m, chunk_bytes=16384 if getattr(m, "nbytes", 0) > 65536 else 4096)]
+        for m in [*CONTROL_MESSAGES, *samples]
+    ]
 
 
 def random_msgpack(rng: random.Random):

@@ -12,7 +12,9 @@ from tests.protocol.test_codec import make_sample
 
 
 def sample_frames(chunk_bytes=4096):
-    return [bytes(f) for f in encode(make_sample(num_tokens=64, hidden=32, dtype=torch.float32), chunk_bytes=chunk_bytes)]
+    return [
+        bytes(f) for f in encode(make_sample(num_tokens=64, hidden=32, dtype=torch.float32), chunk_bytes=chunk_bytes)
+    ]
 
 
 def header_of(frames):

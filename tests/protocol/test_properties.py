@@ -25,7 +25,13 @@ def random_tensor(shape, dtype, seed):
     return torch.randint(0, 100 if dtype == torch.uint8 else 1 << 30, shape, generator=gen).to(dtype)
 
 
-@given(dtype=st.sampled_from(sorted(DTYPES)), shape=shapes, transpose=st.booleans(), chunk=chunks, seed=st.integers(0, 1 << 16))
+@given(
+    dtype=st.sampled_from(sorted(DTYPES)),
+    shape=shapes,
+    transpose=st.booleans(),
+    chunk=chunks,
+    seed=st.integers(0, 1 << 16),
+)
 def test_any_tensor_round_trips_with_exact_frame_count(dtype, shape, transpose, chunk, seed):
     tensor = random_tensor(shape, DTYPES[dtype], seed)
     if transpose and tensor.dim() >= 2:
@@ -36,7 +42,10 @@ def test_any_tensor_round_trips_with_exact_frame_count(dtype, shape, transpose, 
     nbytes = tensor.numel() * tensor.element_size()
     assert len(frames) == 2 + math.ceil(nbytes / chunk)
     assert out.dtype == tensor.dtype and out.shape == tensor.shape
-    assert torch.equal(out.view(-1).view(torch.uint8) if out.numel() else out, tensor.contiguous().view(-1).view(torch.uint8) if tensor.numel() else tensor)
+    assert torch.equal(
+        out.view(-1).view(torch.uint8) if out.numel() else out,
+        tensor.contiguous().view(-1).view(torch.uint8) if tensor.numel() else tensor,
+    )
 
 
 @given(

@@ -68,7 +68,9 @@ def test_zero_copy_samples_outlive_their_frames_and_later_traffic(ctx, tmp_path,
 def test_router_dealer_round_trip_keeps_the_route(ctx, tmp_path):
     router = make_socket(ctx, zmq.ROUTER, SocketConfig(), bind=ipc(tmp_path))
     dealer = make_socket(ctx, zmq.DEALER, SocketConfig(), connect=ipc(tmp_path), identity=b"producer-0")
-    hello = Hello(producer_id="producer-0", target_model="t", layer_ids=[1, 2], hidden_size=8, dtype="float32", vocab_size=10)
+    hello = Hello(
+        producer_id="producer-0", target_model="t", layer_ids=[1, 2], hidden_size=8, dtype="float32", vocab_size=10
+    )
     send_message(dealer, hello)
     assert router.poll(TIMEOUT_MS)
     route, received = recv_message(router, num_route_frames=1)
@@ -97,7 +99,9 @@ def test_total_size_over_the_limit_is_refused_by_the_decoder(ctx, tmp_path):
     limit = 64 << 10
     pull = make_socket(ctx, zmq.PULL, SocketConfig(max_message_bytes=limit), bind=ipc(tmp_path))
     push = make_socket(ctx, zmq.PUSH, SocketConfig(), connect=ipc(tmp_path))
-    send_message(push, make_sample(num_tokens=512, num_layers=4, hidden=64), chunk_bytes=16 << 10)  # 256 KiB in 16 KiB frames
+    send_message(
+        push, make_sample(num_tokens=512, num_layers=4, hidden=64), chunk_bytes=16 << 10
+    )  # 256 KiB in 16 KiB frames
     assert pull.poll(TIMEOUT_MS)
     with pytest.raises(ProtocolError, match="exceed"):
         recv_message(pull, max_message_bytes=limit)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.trainer.offline_data import offline_dataset  # noqa: F401 - a session fixture for the tests below
+
 
 @pytest.fixture
 def one_thread():

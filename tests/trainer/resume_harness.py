@@ -72,7 +72,9 @@ def _env(extra: dict | None) -> dict:
     return env
 
 
-def run_to_completion(argv: Sequence[str], *, env: dict | None = None, timeout: float = 240.0) -> subprocess.CompletedProcess:
+def run_to_completion(
+    argv: Sequence[str], *, env: dict | None = None, timeout: float = 240.0
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(list(argv), env=_env(env), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} exited {proc.returncode}\n{proc.stderr[-6000:]}")
@@ -89,8 +91,10 @@ class ResumeOutcome:
     interrupted_stderr: str
 
     def records(self, save_path: Path) -> list[tuple]:
-        return [(r["epoch"], r["step"], r["global_step"], r["logical_rank"], tuple(r["sample_ids"]))
-                for r in read_accounting(save_path)]  # fmt: skip
+        return [
+            (r["epoch"], r["step"], r["global_step"], r["logical_rank"], tuple(r["sample_ids"]))
+            for r in read_accounting(save_path)
+        ]
 
     def max_weight_difference(self) -> float:
         a = load_file(str(final_epoch_dir(self.straight) / MASTER_WEIGHTS_FILE))
@@ -137,19 +141,22 @@ def run_resume_test(
     straight, resumed = workdir / "straight", workdir / "resumed"
     straight_proc = None
     if concurrent:
-        straight_proc = subprocess.Popen(list(command(straight)), env=_env(env), stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+        straight_proc = subprocess.Popen(
+            list(command(straight)), env=_env(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
     else:
         run_to_completion(command(straight), env=env, timeout=timeout)
 
-    proc = subprocess.Popen(list(command(resumed)), env=_env(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        list(command(resumed)), env=_env(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + timeout
     try:
         while progress(resumed) < stop_after_step:
             if proc.poll() is not None:
-                raise AssertionError(f"the run exited ({proc.returncode}) before step {stop_after_step}\n"
-                                     f"{proc.stderr.read()[-6000:]}")  # fmt: skip
+                raise AssertionError(
+                    f"the run exited ({proc.returncode}) before step {stop_after_step}\n{proc.stderr.read()[-6000:]}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"no step {stop_after_step} within {timeout} s")
             time.sleep(0.005)
@@ -168,6 +175,10 @@ def run_resume_test(
     stopped_at = read_training_state(latest)["global_step"] if latest.is_dir() else -1
     run_to_completion(command(resumed), env=env, timeout=timeout)
     return ResumeOutcome(
-        straight=straight, resumed=resumed, signal_after_step=stop_after_step, stopped_at_step=stopped_at,
-        interrupted_returncode=proc.returncode, interrupted_stderr=stderr,
-    )  # fmt: skip
+        straight=straight,
+        resumed=resumed,
+        signal_after_step=stop_after_step,
+        stopped_at_step=stopped_at,
+        interrupted_returncode=proc.returncode,
+        interrupted_stderr=stderr,
+    )

@@ -30,7 +30,19 @@ from trainer.training.accounting import read_accounting
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 CLI = [sys.executable, "-m", "protocol.cli"]
-TRAIN_ARGS = ["--lr", "3e-3", "--total-seq-len", "384", "--draft-vocab-size", "128", "--log-every", "4", "--no-progress", "--seed", "7"]
+TRAIN_ARGS = [
+    "--lr",
+    "3e-3",
+    "--total-seq-len",
+    "384",
+    "--draft-vocab-size",
+    "128",
+    "--log-every",
+    "4",
+    "--no-progress",
+    "--seed",
+    "7",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +50,9 @@ def workload(tmp_path_factory):
     root = tmp_path_factory.mktemp("stream-run")
     model = build_tiny_target(root / "model", TinyTargetConfig(arch="llama", num_layers=8))
     data = write_conversations(root / "conversations.jsonl", 48)
-    prepare_dataset(PrepareConfig(model=str(model), data=[str(data)], output=str(root / "prepared"), seq_length=256, num_workers=1))
+    prepare_dataset(
+        PrepareConfig(model=str(model), data=[str(data)], output=str(root / "prepared"), seq_length=256, num_workers=1)
+    )
     return {"model": str(model), "data": str(root / "prepared"), "root": root}
 
 
@@ -46,14 +60,31 @@ def env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def expected_record(data: str, *, epochs: int, world: int, seed: int = 7, total_seq_len: int = 384, reuse: int = 1, reuse_window: int = 64) -> dict:
+def expected_record(
+    data: str,
+    *,
+    epochs: int,
+    world: int,
+    seed: int = 7,
+    total_seq_len: int = 384,
+    reuse: int = 1,
+    reuse_window: int = 64,
+) -> dict:
     """(epoch, step, logical rank) -> planned sample ids, as the trainer plans them."""
     dataset = PreparedDataset(data)
     train_ids, _ = split_train_val(len(dataset), val_ratio=0.1, seed=seed)
     expected = {}
     for epoch in range(epochs):
-        plan = BatchPlan.build(sample_ids=train_ids, lengths=dataset.lengths(train_ids), seed=seed, epoch=epoch,
-                               world_size=world, total_seq_len=total_seq_len, reuse=reuse, reuse_window=reuse_window)  # fmt: skip
+        plan = BatchPlan.build(
+            sample_ids=train_ids,
+            lengths=dataset.lengths(train_ids),
+            seed=seed,
+            epoch=epoch,
+            world_size=world,
+            total_seq_len=total_seq_len,
+            reuse=reuse,
+            reuse_window=reuse_window,
+        )
         for step in range(plan.num_steps):
             for rank in range(world):
                 expected[(epoch, step, rank)] = plan.batches_for(rank, step)
@@ -96,8 +127,24 @@ def pids_with(*fragments: str) -> list[int]:
 
 def test_two_producers_two_ranks_train_every_planned_sample_exactly_once(workload, tmp_path):
     save = tmp_path / "save"
-    cmd = [*CLI, "run", "--model", workload["model"], "--data", workload["data"], "--save-path", str(save),
-           "--num-producers", "2", "--nproc-per-node", "2", "--", "--epochs", "2", *TRAIN_ARGS]  # fmt: skip
+    cmd = [
+        *CLI,
+        "run",
+        "--model",
+        workload["model"],
+        "--data",
+        workload["data"],
+        "--save-path",
+        str(save),
+        "--num-producers",
+        "2",
+        "--nproc-per-node",
+        "2",
+        "--",
+        "--epochs",
+        "2",
+        *TRAIN_ARGS,
+    ]
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_record_matches_plan(save, expected_record(workload["data"], epochs=2, world=2))
@@ -109,9 +156,27 @@ def test_two_producers_two_ranks_train_every_planned_sample_exactly_once(workloa
 
 def test_a_producer_killed_mid_epoch_loses_no_sample(workload, tmp_path):
     save = tmp_path / "save"
-    cmd = [*CLI, "run", "--model", workload["model"], "--data", workload["data"], "--save-path", str(save),
-           "--num-producers", "2", "--tolerate-producer-failures", "--producer-args", "--max-batch-tokens 64",
-           "--", "--epochs", "3", "--lease-seconds", "5", *TRAIN_ARGS]  # fmt: skip
+    cmd = [
+        *CLI,
+        "run",
+        "--model",
+        workload["model"],
+        "--data",
+        workload["data"],
+        "--save-path",
+        str(save),
+        "--num-producers",
+        "2",
+        "--tolerate-producer-failures",
+        "--producer-args",
+        "--max-batch-tokens 64",
+        "--",
+        "--epochs",
+        "3",
+        "--lease-seconds",
+        "5",
+        *TRAIN_ARGS,
+    ]
     run = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: steps_recorded(save) >= 3, 120, "training to start")
@@ -128,12 +193,43 @@ def test_a_producer_killed_mid_epoch_loses_no_sample(workload, tmp_path):
 
 def test_trainer_killed_mid_epoch_resumes_and_producers_reconnect(workload, tmp_path):
     save, endpoint = tmp_path / "save", f"ipc://{tmp_path}/stream"
-    train = [*CLI, "train", "--verifier-name-or-path", workload["model"], "--data-path", workload["data"],
-             "--save-path", str(save), "--stream-endpoint", endpoint, "--epochs", "3", "--save-every-steps", "2", *TRAIN_ARGS]  # fmt: skip
+    train = [
+        *CLI,
+        "train",
+        "--verifier-name-or-path",
+        workload["model"],
+        "--data-path",
+        workload["data"],
+        "--save-path",
+        str(save),
+        "--stream-endpoint",
+        endpoint,
+        "--epochs",
+        "3",
+        "--save-every-steps",
+        "2",
+        *TRAIN_ARGS,
+    ]
     producers = [
-        subprocess.Popen([*CLI, "produce", "--model", workload["model"], "--data", workload["data"], "--connect", endpoint,
-                          "--producer-id", f"p{i}", "--handshake-timeout", "120"], env=env(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        subprocess.Popen(
+            [
+                *CLI,
+                "produce",
+                "--model",
+                workload["model"],
+                "--data",
+                workload["data"],
+                "--connect",
+                endpoint,
+                "--producer-id",
+                f"p{i}",
+                "--handshake-timeout",
+                "120",
+            ],
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for i in range(2)
     ]
     try:
@@ -155,17 +251,57 @@ def test_trainer_killed_mid_epoch_resumes_and_producers_reconnect(workload, tmp_
 def test_streaming_trains_the_same_losses_as_offline_files(workload, tmp_path):
     common = ["--epochs", "2", *TRAIN_ARGS]
     stream_save, tee = tmp_path / "stream", tmp_path / "tee"
-    done = subprocess.run([*CLI, "run", "--model", workload["model"], "--data", workload["data"], "--save-path",
-                           str(stream_save), "--num-producers", "1", "--", *common, "--spill-dir", str(tee)],
-                          env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [
+            *CLI,
+            "run",
+            "--model",
+            workload["model"],
+            "--data",
+            workload["data"],
+            "--save-path",
+            str(stream_save),
+            "--num-producers",
+            "1",
+            "--",
+            *common,
+            "--spill-dir",
+            str(tee),
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     hs = tmp_path / "hs"
-    subprocess.run([*CLI, "produce", "--model", workload["model"], "--data", workload["data"], "--spill", str(hs)],
-                   env=env(), check=True, capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [*CLI, "produce", "--model", workload["model"], "--data", workload["data"], "--spill", str(hs)],
+        env=env(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     offline_save = tmp_path / "offline"
-    subprocess.run([*CLI, "train", "--verifier-name-or-path", workload["model"], "--data-path", workload["data"],
-                    "--hidden-states-path", str(hs), "--save-path", str(offline_save), *common],
-                   env=env(), check=True, capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [
+            *CLI,
+            "train",
+            "--verifier-name-or-path",
+            workload["model"],
+            "--data-path",
+            workload["data"],
+            "--hidden-states-path",
+            str(hs),
+            "--save-path",
+            str(offline_save),
+            *common,
+        ],
+        env=env(),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
 
     def losses(save):
         rows = [json.loads(line) for line in (save / "train_log.jsonl").read_text().splitlines()]
@@ -201,16 +337,53 @@ def test_curve_over_tcp_admits_the_authorized_producer_only(workload, tmp_path):
         port = s.getsockname()[1]
     endpoint, save = f"tcp://127.0.0.1:{port}", tmp_path / "save"
     produce = [*CLI, "produce", "--model", workload["model"], "--data", workload["data"], "--connect", endpoint]
-    stranger = subprocess.Popen([*produce, "--producer-id", "stranger", "--handshake-timeout", "8"], env=env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    friend = subprocess.Popen([*produce, "--producer-id", "friend", "--curve-secret-key", str(producer_secret),
-                               "--curve-server-key", str(server_public)], env=env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    stranger = subprocess.Popen(
+        [*produce, "--producer-id", "stranger", "--handshake-timeout", "8"],
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    friend = subprocess.Popen(
+        [
+            *produce,
+            "--producer-id",
+            "friend",
+            "--curve-secret-key",
+            str(producer_secret),
+            "--curve-server-key",
+            str(server_public),
+        ],
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        done = subprocess.run([*CLI, "train", "--verifier-name-or-path", workload["model"], "--data-path", workload["data"],
-                               "--save-path", str(save), "--stream-endpoint", endpoint, "--curve-secret-key", str(server_secret),
-                               "--curve-authorized-keys", str(authorized), "--epochs", "1", *TRAIN_ARGS],
-                              env=env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+        done = subprocess.run(
+            [
+                *CLI,
+                "train",
+                "--verifier-name-or-path",
+                workload["model"],
+                "--data-path",
+                workload["data"],
+                "--save-path",
+                str(save),
+                "--stream-endpoint",
+                endpoint,
+                "--curve-secret-key",
+                str(server_secret),
+                "--curve-authorized-keys",
+                str(authorized),
+                "--epochs",
+                "1",
+                *TRAIN_ARGS,
+            ],
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         assert friend.wait(60) == 0
         out, _ = stranger.communicate(timeout=60)
@@ -224,8 +397,26 @@ def test_curve_over_tcp_admits_the_authorized_producer_only(workload, tmp_path):
 
 def test_reuse_trains_each_sample_k_times_while_the_target_runs_once(workload, tmp_path):
     save = tmp_path / "save"
-    cmd = [*CLI, "run", "--model", workload["model"], "--data", workload["data"], "--save-path", str(save),
-           "--num-producers", "1", "--", "--epochs", "2", "--reuse", "3", "--reuse-window", "8", *TRAIN_ARGS]  # fmt: skip
+    cmd = [
+        *CLI,
+        "run",
+        "--model",
+        workload["model"],
+        "--data",
+        workload["data"],
+        "--save-path",
+        str(save),
+        "--num-producers",
+        "1",
+        "--",
+        "--epochs",
+        "2",
+        "--reuse",
+        "3",
+        "--reuse-window",
+        "8",
+        *TRAIN_ARGS,
+    ]
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_record_matches_plan(save, expected_record(workload["data"], epochs=2, world=1, reuse=3, reuse_window=8))

@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 
 from protocol.hsfile import hs_path
-from tests.trainer.offline_data import offline_dataset  # noqa: F401 - fixture
 from trainer.train import build_parser, main
 from trainer.training import checkpoint as ckpt
 from trainer.training.accounting import read_accounting
@@ -34,17 +33,39 @@ TORCHRUN = "torchrun --standalone --nproc_per_node 2 scripts/train.py "
 
 def _tiny(command: str, offline, save) -> list[str]:
     model, data, hs = offline
-    values = {"--verifier-name-or-path": str(model), "--data-path": str(data), "--hidden-states-path": str(hs),
-              "--save-path": str(save), "--draft-vocab-size": "256"}  # fmt: skip
+    values = {
+        "--verifier-name-or-path": str(model),
+        "--data-path": str(data),
+        "--hidden-states-path": str(hs),
+        "--save-path": str(save),
+        "--draft-vocab-size": "256",
+    }
     argv = shlex.split(command)
     return [values.get(argv[i - 1], a) if i else a for i, a in enumerate(argv)] + ["--no-progress"]
 
 
 def _flags(offline, save, *extra):
     model, data, hs = offline
-    return ["--verifier-name-or-path", str(model), "--data-path", str(data), "--hidden-states-path", str(hs),
-            "--save-path", str(save), "--draft-vocab-size", "256", "--epochs", "2", "--lr", "1e-3",
-            "--total-seq-len", "96", "--no-progress", *extra]  # fmt: skip
+    return [
+        "--verifier-name-or-path",
+        str(model),
+        "--data-path",
+        str(data),
+        "--hidden-states-path",
+        str(hs),
+        "--save-path",
+        str(save),
+        "--draft-vocab-size",
+        "256",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-3",
+        "--total-seq-len",
+        "96",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_train_writes_the_spec_checkpoint_layout(offline_dataset, tmp_path):
@@ -52,8 +73,15 @@ def test_train_writes_the_spec_checkpoint_layout(offline_dataset, tmp_path):
     assert main(_flags(offline_dataset, save)) == 0
     for epoch in ("0", "1"):
         names = {p.name for p in (save / epoch).iterdir()}
-        assert {"config.json", "model.safetensors", "optimizer_state_dict.pt", "scheduler_state_dict.pt",
-                ckpt.TRAINING_STATE_FILE, ckpt.MASTER_WEIGHTS_FILE, "rng_state_0.pt"} <= names  # fmt: skip
+        assert {
+            "config.json",
+            "model.safetensors",
+            "optimizer_state_dict.pt",
+            "scheduler_state_dict.pt",
+            ckpt.TRAINING_STATE_FILE,
+            ckpt.MASTER_WEIGHTS_FILE,
+            "rng_state_0.pt",
+        } <= names
     best = save / ckpt.BEST_LINK
     assert best.is_symlink() and os.readlink(best) in ("0", "1")  # relative, to an epoch folder
     state = ckpt.read_training_state(best)
@@ -85,8 +113,12 @@ def test_resuming_with_other_model_flags_is_refused(offline_dataset, tmp_path, c
     save = tmp_path / "ckpt"
     assert main(_flags(offline_dataset, save, "--max-steps", "2")) == 0
     records = read_accounting(save)
-    assert main(_flags(offline_dataset, save, "--max-steps", "4", "--num-layers", "2", "--no-norm-before-residual")) == 2
-    assert "--num-layers 2, checkpoint 1" in caplog.text and "--norm-before-residual False, checkpoint True" in caplog.text
+    assert (
+        main(_flags(offline_dataset, save, "--max-steps", "4", "--num-layers", "2", "--no-norm-before-residual")) == 2
+    )
+    assert (
+        "--num-layers 2, checkpoint 1" in caplog.text and "--norm-before-residual False, checkpoint True" in caplog.text
+    )
     assert "--no-resume-from-checkpoint" in caplog.text and read_accounting(save) == records  # nothing trained
     # Objective knobs may change between runs; the same architecture resumes.
     assert main(_flags(offline_dataset, save, "--max-steps", "4", "--ttt-step-loss-decay", "0.8")) == 0
@@ -114,7 +146,9 @@ def test_tutorial_torchrun_command_lines_parse(command):
 
 
 def test_target_layer_ids_take_three_or_four_ids(offline_dataset, tmp_path):
-    assert main(_flags(offline_dataset, tmp_path / "a", "--target-layer-ids", "2", "4", "5", "8", "--max-steps", "1")) == 0
+    assert (
+        main(_flags(offline_dataset, tmp_path / "a", "--target-layer-ids", "2", "4", "5", "8", "--max-steps", "1")) == 0
+    )
     config = json.loads((tmp_path / "a" / "0" / "config.json").read_text())
     assert config["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5]
     assert main(_flags(offline_dataset, tmp_path / "b", "--target-layer-ids", "1", "2", "3", "7")) == 2
@@ -124,8 +158,23 @@ def test_from_pretrained_starts_from_the_saved_weights(offline_dataset, tmp_path
     first = tmp_path / "first"
     assert main(_flags(offline_dataset, first, "--max-steps", "3")) == 0
     tuned = tmp_path / "tuned"
-    assert main(_flags(offline_dataset, tuned, "--from-pretrained", str(first / "0"), "--max-steps", "1",
-                       "--lr", "1e-12", "--noise-std", "0")) == 0  # fmt: skip
+    assert (
+        main(
+            _flags(
+                offline_dataset,
+                tuned,
+                "--from-pretrained",
+                str(first / "0"),
+                "--max-steps",
+                "1",
+                "--lr",
+                "1e-12",
+                "--noise-std",
+                "0",
+            )
+        )
+        == 0
+    )
     a = load_file(str(first / "0" / "model.safetensors"))
     b = load_file(str(tuned / "0" / "model.safetensors"))
     for name in a:

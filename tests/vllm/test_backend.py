@@ -13,7 +13,16 @@ from producer.vllm.backend import HTTPEngine, InProcessEngine  # noqa: E402
 from producer.vllm.params import SampleRoute  # noqa: E402
 from tests.vllm.conftest import LAYER_IDS  # noqa: E402
 
-ROUTE = SampleRoute(sample_id=5, epoch=1, lease_id=2, destination="tcp://10.0.0.2:5601", num_tokens=4, loss_mask_spans=[[2, 4]], report="ipc:///tmp/r", ticket=3)
+ROUTE = SampleRoute(
+    sample_id=5,
+    epoch=1,
+    lease_id=2,
+    destination="tcp://10.0.0.2:5601",
+    num_tokens=4,
+    loss_mask_spans=[[2, 4]],
+    report="ipc:///tmp/r",
+    ticket=3,
+)
 
 
 def test_completions_body_is_a_vllm_completion_request_carrying_our_params():
@@ -33,7 +42,11 @@ def test_in_process_engine_arguments_build_a_vllm_engine_config_on_cpu(tiny_qwen
     from vllm.engine.arg_utils import EngineArgs
 
     kwargs = InProcessEngine.llm_kwargs(
-        str(tiny_qwen3), layer_ids=LAYER_IDS, dtype="bfloat16", engine_args={"max_model_len": 256}, connector_extra={"spill_dirs": [str(spill_root)]}
+        str(tiny_qwen3),
+        layer_ids=LAYER_IDS,
+        dtype="bfloat16",
+        engine_args={"max_model_len": 256},
+        connector_extra={"spill_dirs": [str(spill_root)]},
     )
     kwargs["kv_transfer_config"] = KVTransferConfig(**kwargs["kv_transfer_config"])  # what vllm.LLM does with the dict
     config = EngineArgs(**kwargs).create_engine_config()
@@ -42,4 +55,10 @@ def test_in_process_engine_arguments_build_a_vllm_engine_config_on_cpu(tiny_qwen
     assert config.kv_transfer_config.kv_connector_module_path == "producer.vllm.connector"
     assert config.model_config.max_model_len == 256
     with pytest.raises(ValueError, match="may not set speculative_config"):
-        InProcessEngine.llm_kwargs(str(tiny_qwen3), layer_ids=LAYER_IDS, dtype="bfloat16", engine_args={"speculative_config": {}}, connector_extra={})
+        InProcessEngine.llm_kwargs(
+            str(tiny_qwen3),
+            layer_ids=LAYER_IDS,
+            dtype="bfloat16",
+            engine_args={"speculative_config": {}},
+            connector_extra={},
+        )

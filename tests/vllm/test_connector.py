@@ -109,7 +109,10 @@ def run_to_finish(scheduler, requests) -> tuple[dict[str, dict | None], object]:
     out = scheduler.schedule()
     ids = list(out.num_scheduled_tokens)
     result = scheduler.update_from_output(
-        out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=[[7] for _ in ids])
+        out,
+        ModelRunnerOutput(
+            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=[[7] for _ in ids]
+        ),
     )
     answers = {o.request_id: o.kv_transfer_params for outputs in result.values() for o in outputs.outputs}
     return answers, scheduler.schedule()
@@ -120,7 +123,10 @@ def release(scheduler, step_output, finished_sending: set[str]) -> None:
     from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
     scheduler.update_from_output(
-        step_output, ModelRunnerOutput(req_ids=[], req_id_to_index={}, kv_connector_output=KVConnectorOutput(finished_sending=finished_sending))
+        step_output,
+        ModelRunnerOutput(
+            req_ids=[], req_id_to_index={}, kv_connector_output=KVConnectorOutput(finished_sending=finished_sending)
+        ),
     )
 
 
@@ -139,9 +145,17 @@ def rows(seed: int, num_tokens: int) -> torch.Tensor:
     return torch.randn((num_tokens, len(LAYER_IDS), HIDDEN), generator=generator).to(torch.bfloat16)
 
 
-def route_for(sample_id: int, prompt: list[int], destination: str, *, mask: torch.Tensor | None = None, **kw) -> SampleRoute:
+def route_for(
+    sample_id: int, prompt: list[int], destination: str, *, mask: torch.Tensor | None = None, **kw
+) -> SampleRoute:
     mask = mask if mask is not None else (torch.arange(len(prompt)) >= 2).to(torch.uint8)
-    return SampleRoute(sample_id=sample_id, destination=destination, num_tokens=len(prompt), loss_mask_spans=loss_mask_spans(mask), **kw)
+    return SampleRoute(
+        sample_id=sample_id,
+        destination=destination,
+        num_tokens=len(prompt),
+        loss_mask_spans=loss_mask_spans(mask),
+        **kw,
+    )
 
 
 # ---- loading and configuration -----------------------------------------------------------------
@@ -177,13 +191,22 @@ def test_engine_config_with_launch_vllm_settings_builds_on_cpu(vllm_config, spil
 
 def test_vllm_scheduler_keeps_blocks_until_the_worker_has_copied_them(scheduler):
     prompts = {"a": list(range(3, 8)), "b": list(range(3, 23)), "c": list(range(3, 36))}  # 1, 2 and 3 blocks
-    requests = [make_request(r, p, route_for(10 + i, p, "ipc:///nowhere", epoch=2, lease_id=9)) for i, (r, p) in enumerate(prompts.items())]
+    requests = [
+        make_request(r, p, route_for(10 + i, p, "ipc:///nowhere", epoch=2, lease_id=9))
+        for i, (r, p) in enumerate(prompts.items())
+    ]
     free_before = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
     answers, step = run_to_finish(scheduler, requests)
 
     for i, (request_id, prompt) in enumerate(prompts.items()):
         assert answers[request_id] == {
-            PARAMS_KEY: {"sample_id": 10 + i, "num_tokens": len(prompt), "layer_ids": LAYER_IDS, "hidden_size": HIDDEN, "dtype": "bfloat16"}
+            PARAMS_KEY: {
+                "sample_id": 10 + i,
+                "num_tokens": len(prompt),
+                "layer_ids": LAYER_IDS,
+                "hidden_size": HIDDEN,
+                "dtype": "bfloat16",
+            }
         }
     meta = step.kv_connector_metadata
     assert [f.req_id for f in meta.finished] == list(prompts)
@@ -202,7 +225,9 @@ def test_vllm_scheduler_keeps_blocks_until_the_worker_has_copied_them(scheduler)
 
 
 def test_requests_without_draftstream_params_pass_through(scheduler):
-    answers, step = run_to_finish(scheduler, [make_request("plain", [5, 6, 7], None), make_request("other", [5, 6], None, {"foo": 1})])
+    answers, step = run_to_finish(
+        scheduler, [make_request("plain", [5, 6, 7], None), make_request("other", [5, 6], None, {"foo": 1})]
+    )
     assert answers == {"plain": None, "other": None}
     assert step.kv_connector_metadata.finished == []
     assert len(scheduler.requests) == 0  # freed at once
@@ -210,7 +235,9 @@ def test_requests_without_draftstream_params_pass_through(scheduler):
 
 def test_bad_params_or_wrong_prompt_are_answered_with_an_error_and_free_their_blocks(scheduler):
     prompt = [5, 6, 7, 8]
-    bad_params = make_request("bad", prompt, None, {PARAMS_KEY: {"sample_id": 1, "destination": "http://x", "num_tokens": 4}})
+    bad_params = make_request(
+        "bad", prompt, None, {PARAMS_KEY: {"sample_id": 1, "destination": "http://x", "num_tokens": 4}}
+    )
     wrong_length = make_request("short", prompt, route_for(2, prompt + [9], "ipc:///nowhere"))
     answers, step = run_to_finish(scheduler, [bad_params, wrong_length])
     assert "destination must be" in answers["bad"][PARAMS_KEY]["error"]
@@ -231,7 +258,20 @@ def test_worker_pushes_each_finished_request_as_one_sample_a_trainer_socket_deco
         prompts = {"x": list(range(10, 50)), "y": list(range(100, 117))}
         masks = {"x": (torch.arange(40) % 3 == 0).to(torch.uint8), "y": torch.ones(17, dtype=torch.uint8)}
         requests = [
-            make_request(r, p, route_for(40 + i, p, data_endpoint, mask=masks[r], epoch=3, lease_id=11, report=report_endpoint, ticket=500 + i))
+            make_request(
+                r,
+                p,
+                route_for(
+                    40 + i,
+                    p,
+                    data_endpoint,
+                    mask=masks[r],
+                    epoch=3,
+                    lease_id=11,
+                    report=report_endpoint,
+                    ticket=500 + i,
+                ),
+            )
             for i, (r, p) in enumerate(prompts.items())
         ]
         _, step = run_to_finish(scheduler, requests)

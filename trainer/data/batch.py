@@ -96,3 +96,17 @@ def pack(samples: Sequence[TrainSample], total_seq_len: int, *, pad_to: int | No
         document_ids=document_ids[None],
         sample_ids=[s.sample_id for s, _ in pieces],
     )
+
+
+def make_filler_batch(*, num_layers: int, hidden_size: int, dtype: torch.dtype, length: int = 8) -> PackedBatch:
+    """A small, well-conditioned synthetic batch (random states, every position supervised) for
+    ranks whose plan slot is empty: its loss is multiplied by zero, it exists to join collectives."""
+    g = torch.Generator().manual_seed(0)
+    return PackedBatch(
+        input_ids=torch.arange(length, dtype=torch.int64)[None],
+        hidden_states=torch.randn(1, length, num_layers, hidden_size, generator=g).to(dtype),
+        loss_mask=torch.ones(1, length, dtype=torch.bool),
+        position_ids=torch.arange(length, dtype=torch.int64)[None],
+        document_ids=torch.zeros(1, length, dtype=torch.int64),
+        sample_ids=[],
+    )

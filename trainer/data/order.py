@@ -64,3 +64,23 @@ def fetch_order(
     if val_plan is not None:
         ids += sample_ids(val_steps(val_plan, val_rank))
     return ids
+
+
+def steps_to_train(
+    plans: Sequence[BatchPlan], epoch: int, *, cursor: tuple[int, int], global_step: int, max_steps: int | None
+) -> tuple[int, int] | None:
+    """The steps ``[start, end)`` of ``epoch`` that a run at ``cursor`` (epoch, step in it), having
+    taken ``global_step`` steps, will still train under ``--max-steps``; None if it ends before
+    ``epoch``. A later epoch is entered only if steps are left for it, so a schedule is exact."""
+    cursor_epoch, cursor_step = cursor
+    start = cursor_step if epoch == cursor_epoch else 0
+    end = plans[epoch].num_steps
+    if max_steps is None:
+        return start, end
+    steps_before = sum(plans[e].num_steps for e in range(cursor_epoch, epoch)) - (
+        cursor_step if epoch > cursor_epoch else 0
+    )
+    budget = max_steps - global_step - steps_before
+    if epoch > cursor_epoch and budget <= 0:
+        return None
+    return start, min(end, start + max(0, budget))

@@ -32,7 +32,9 @@ class MicroBatch:
     batch: PackedBatch | None  # None: filler
 
 
-def fetch_slots(source: SampleSource, slots: Sequence[Slot], *, total_seq_len: int, pin: bool = False) -> list[MicroBatch]:
+def fetch_slots(
+    source: SampleSource, slots: Sequence[Slot], *, total_seq_len: int, pin: bool = False
+) -> list[MicroBatch]:
     """Fetch and pack one step's slots (synchronously), in order."""
     micros = []
     for lr, ids in slots:
@@ -44,8 +46,9 @@ def fetch_slots(source: SampleSource, slots: Sequence[Slot], *, total_seq_len: i
     return micros
 
 
-def fetch_micro_batches(plan: BatchPlan, source: SampleSource, logical_ranks: Sequence[int], step: int, *,
-                        pin: bool = False) -> list[MicroBatch]:  # fmt: skip
+def fetch_micro_batches(
+    plan: BatchPlan, source: SampleSource, logical_ranks: Sequence[int], step: int, *, pin: bool = False
+) -> list[MicroBatch]:
     """Fetch and pack the batches of ``logical_ranks`` at ``step`` (synchronously)."""
     return fetch_slots(source, step_slots(plan, logical_ranks, step), total_seq_len=plan.total_seq_len, pin=pin)
 
@@ -56,8 +59,16 @@ class Prefetcher:
 
     _DONE = object()
 
-    def __init__(self, *, plan: BatchPlan, source: SampleSource, logical_ranks: Sequence[int], start_step: int,
-                 depth: int, pin: bool):  # fmt: skip
+    def __init__(
+        self,
+        *,
+        plan: BatchPlan,
+        source: SampleSource,
+        logical_ranks: Sequence[int],
+        start_step: int,
+        depth: int,
+        pin: bool,
+    ):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self.wait_seconds = 0.0  # time the training loop spent waiting for data (stall)
         self._stop = threading.Event()
@@ -107,5 +118,3 @@ class Prefetcher:
 def pinned(batch: PackedBatch) -> PackedBatch:
     fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
     return PackedBatch(**{k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in fields.items()})
-
-

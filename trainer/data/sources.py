@@ -125,8 +125,7 @@ class FileSampleSource(SampleSource):
         if missing:
             shown = ", ".join(hs_path(self.directory, i).name for i in missing[:5])
             message = (
-                f"{len(missing)} of {len(sample_ids)} hidden-state files missing in {self.directory} "
-                f"(first: {shown})"
+                f"{len(missing)} of {len(sample_ids)} hidden-state files missing in {self.directory} (first: {shown})"
             )
             if self.on_missing == "raise":
                 raise HiddenStateFileError(f"{message}; generate them or pass --on-missing skip|warn")
@@ -191,7 +190,9 @@ class InMemorySampleSource(SampleSource):
         return FetchResult(samples=[self._samples[i] for i in sample_ids])
 
 
-def add_aux_noise_(batch: PackedBatch, *, std: float, seed: int, epoch: int, uses: Mapping[int, int] | None = None) -> None:
+def add_aux_noise_(
+    batch: PackedBatch, *, std: float, seed: int, epoch: int, uses: Mapping[int, int] | None = None
+) -> None:
     """Add uniform noise in [-std, std) to the auxiliary layers (all but the last) of every
     document of a packed batch, in place. Each document's noise comes from a generator derived
     from (seed, epoch, sample id) and, for a sample trained on again in the same epoch

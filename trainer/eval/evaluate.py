@@ -46,8 +46,17 @@ from trainer.training.config import LoopConfig
 logger = logging.getLogger("trainer.eval.evaluate")
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-          "model": "assistant", "system": "system", "tool": "tool", "function": "tool"}  # fmt: skip
+_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function": "tool",
+}
 
 
 def csv_columns(num_speculative_tokens: int) -> list[str]:
@@ -168,7 +177,9 @@ def load_prompts(spec: str, tokenizer, args: argparse.Namespace) -> PromptSet:
         raise ValueError(f"--data {spec}: not a prepared dataset directory nor a .json/.jsonl file")
     prompts = prompts[args.skip_prompts : args.skip_prompts + args.num_prompts]
     if not prompts:
-        raise ValueError(f"--data {spec}: no prompts left ({skipped} rows had none; --skip-prompts {args.skip_prompts})")
+        raise ValueError(
+            f"--data {spec}: no prompts left ({skipped} rows had none; --skip-prompts {args.skip_prompts})"
+        )
     return PromptSet(name=_subset_name(spec), prompts=prompts, num_skipped=skipped)
 
 
@@ -176,24 +187,43 @@ def load_prompts(spec: str, tokenizer, args: argparse.Namespace) -> PromptSet:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="draftstream eval", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="draftstream eval",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="saved draft directory (config.json + model.safetensors)")
-    p.add_argument("--verifier-name-or-path", default=None, help="target model; default: the one the checkpoint records")
-    p.add_argument("--data", action="append", required=True,
-                   help="prepared dataset directory or conversations .json/.jsonl; repeatable (one subset each)")  # fmt: skip
+    p.add_argument(
+        "--verifier-name-or-path", default=None, help="target model; default: the one the checkpoint records"
+    )
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        help="prepared dataset directory or conversations .json/.jsonl; repeatable (one subset each)",
+    )
     p.add_argument("--num-prompts", type=int, default=32, help="prompts per --data source")
     p.add_argument("--skip-prompts", type=int, default=0, help="skip this many prompts of each source first")
-    p.add_argument("--val-only", action="store_true", help="prepared datasets: only the rows `train` held out for validation")
+    p.add_argument(
+        "--val-only", action="store_true", help="prepared datasets: only the rows `train` held out for validation"
+    )
     p.add_argument("--val-ratio", type=float, default=VAL_RATIO, help="with --val-only: the training run's --val-ratio")
     p.add_argument("--seed", type=int, default=LoopConfig.seed, help="with --val-only: the training run's --seed")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--num-speculative-tokens", type=int, default=None,
-                   help="K tokens proposed per round; default: the checkpoint's speculative_tokens")  # fmt: skip
+    p.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=None,
+        help="K tokens proposed per round; default: the checkpoint's speculative_tokens",
+    )
     p.add_argument("--output", default=None, help="write the results as CSV here")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="target dtype; auto = the checkpoint's (what training captured)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="target dtype; auto = the checkpoint's (what training captured)",
+    )
     return p
 
 
@@ -219,8 +249,11 @@ def _check_args(args: argparse.Namespace) -> torch.device:
 
 def _eos_ids(model, tokenizer) -> list[int]:
     ids: set[int] = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), model.config.eos_token_id,
-                  getattr(tokenizer, "eos_token_id", None)):  # fmt: skip
+    for value in (
+        getattr(model.generation_config, "eos_token_id", None),
+        model.config.eos_token_id,
+        getattr(tokenizer, "eos_token_id", None),
+    ):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, (list, tuple)):
@@ -243,7 +276,9 @@ def print_table(rows: list[dict], num_prompts: dict[str, int], k: int) -> None:
     print(head)
     print("-" * len(head))
     for row in rows:
-        line = f"{row['subset']:<20} {num_prompts[row['subset']]:>7} {row['num_drafts']:>7} {row['num_draft_tokens']:>8} "
+        line = (
+            f"{row['subset']:<20} {num_prompts[row['subset']]:>7} {row['num_drafts']:>7} {row['num_draft_tokens']:>8} "
+        )
         line += f"{row['num_accepted_tokens']:>8} {row['acceptance_length']:>7.3f}"
         line += "".join(f" {row[f'acceptance_at_pos_{p}']:>6.3f}" for p in range(k))
         print(line)
@@ -260,7 +295,9 @@ def run(args: argparse.Namespace) -> dict:
     trained_k = int(checkpoint["speculators_config"]["proposal_methods"][0]["speculative_tokens"])
     k = args.num_speculative_tokens or trained_k
     if checkpoint.get("speculators_model_type") == "peagle" and k > trained_k:
-        logger.warning("P-EAGLE draft trained for %d depths, evaluated with K=%d: deeper depths were never trained", trained_k, k)
+        logger.warning(
+            "P-EAGLE draft trained for %d depths, evaluated with K=%d: deeper depths were never trained", trained_k, k
+        )
 
     tokenizer = _load_tokenizer(verifier)
     prompt_sets = [load_prompts(spec, tokenizer, args) for spec in args.data]
@@ -292,7 +329,9 @@ def run(args: argparse.Namespace) -> dict:
             generations = []
             for prompt in tqdm(prompt_set.prompts, desc=f"eval {prompt_set.name}", file=sys.stderr, leave=False):
                 generations.append(
-                    generate(target, draft, prompt, max_new_tokens=args.max_new_tokens, num_speculative_tokens=k, eos_ids=eos)
+                    generate(
+                        target, draft, prompt, max_new_tokens=args.max_new_tokens, num_speculative_tokens=k, eos_ids=eos
+                    )
                 )
             stats = stats_of(generations, k)
             total.merge(stats)

@@ -101,7 +101,9 @@ def propose_peagle(model: DraftModel, tokens_N: torch.Tensor, aux_NX: torch.Tens
 def propose(model: DraftModel, tokens_N: torch.Tensor, aux_NX: torch.Tensor, k: int) -> list[int]:
     """``k`` proposed target ids from the context ``tokens_N`` = ``x(1..n-1)``, ``aux_NX`` = ``g(0..n-2)``."""
     if tokens_N.shape[0] < 1 or tokens_N.shape[0] != aux_NX.shape[0]:
-        raise ValueError(f"need one aux state per context token, got {tokens_N.shape[0]} tokens, {aux_NX.shape[0]} states")
+        raise ValueError(
+            f"need one aux state per context token, got {tokens_N.shape[0]} tokens, {aux_NX.shape[0]} states"
+        )
     if model.config.speculator_type == "eagle3":
         return propose_eagle3(model, tokens_N, aux_NX, k)
     return propose_peagle(model, tokens_N, aux_NX, k)

@@ -46,7 +46,9 @@ class DraftModel(nn.Module):
     int64 and ``t2d`` [V] bool when the draft vocabulary is pruned.
     """
 
-    def __init__(self, config: DraftConfig, layer_config: PretrainedConfig, *, draft_vocab_size: int, target_hidden_size: int):
+    def __init__(
+        self, config: DraftConfig, layer_config: PretrainedConfig, *, draft_vocab_size: int, target_hidden_size: int
+    ):
         super().__init__()
         if target_hidden_size != layer_config.hidden_size:
             raise ValueError(
@@ -61,7 +63,9 @@ class DraftModel(nn.Module):
 
         self.embed_tokens = nn.Embedding(vocab, hidden)
         self.input_norm = RMSNorm(num_aux * target_hidden_size, eps) if config.norm_before_fc else None
-        self.fc_norm = nn.ModuleList(RMSNorm(target_hidden_size, eps) for _ in range(num_aux)) if config.fc_norm else None
+        self.fc_norm = (
+            nn.ModuleList(RMSNorm(target_hidden_size, eps) for _ in range(num_aux)) if config.fc_norm else None
+        )
         self.fc = nn.Linear(num_aux * target_hidden_size, hidden, bias=False)
         self.layers = nn.ModuleList(
             DraftDecoderLayer(layer_config, first=i == 0, norm_before_residual=config.norm_before_residual)

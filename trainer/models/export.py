@@ -94,13 +94,17 @@ def build_draft(config: DraftConfig, token_freq: dict[int, int] | None) -> Draft
     if draft_vocab > target_vocab:
         raise ValueError(f"--draft-vocab-size {draft_vocab} exceeds the verifier vocab {target_vocab}")
     if draft_vocab < target_vocab and token_freq is None:
-        raise ValueError(f"--draft-vocab-size {draft_vocab} < verifier vocab {target_vocab} needs token_freq.pt from prepare")
+        raise ValueError(
+            f"--draft-vocab-size {draft_vocab} < verifier vocab {target_vocab} needs token_freq.pt from prepare"
+        )
     model = _construct(config, verifier_config, draft_vocab_size=draft_vocab)
     if model.t2d is not None:
         d2t, t2d = build_vocab_mapping(token_freq, draft_vocab, target_vocab)
         model.d2t.copy_(d2t)
         model.t2d.copy_(t2d)
-    _install_verifier_head(model, read_verifier_head(config.verifier_name_or_path, verifier_config), with_draft_weights=True)
+    _install_verifier_head(
+        model, read_verifier_head(config.verifier_name_or_path, verifier_config), with_draft_weights=True
+    )
     return model
 
 
@@ -132,8 +136,17 @@ def checkpoint_config(model: DraftModel) -> dict:
     layer = model.layer_config.to_dict()
     # Drop transformers' runtime switches and bookkeeping; keep everything that shapes the layers.
     for key in (
-        "transformers_version", "_name_or_path", "id2label", "label2id", "dtype", "output_hidden_states",
-        "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "problem_type",
+        "transformers_version",
+        "_name_or_path",
+        "id2label",
+        "label2id",
+        "dtype",
+        "output_hidden_states",
+        "output_attentions",
+        "return_dict",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "problem_type",
     ):
         layer.pop(key, None)
     layer["vocab_size"] = model.layer_config.vocab_size
@@ -195,7 +208,9 @@ def save_draft(model: DraftModel, directory: str | Path, *, state_dict: dict[str
     os.replace(tmp, directory / "config.json")
 
 
-def draft_config_from_checkpoint(checkpoint: dict, *, verifier_name_or_path: str | None = None, **overrides) -> DraftConfig:
+def draft_config_from_checkpoint(
+    checkpoint: dict, *, verifier_name_or_path: str | None = None, **overrides
+) -> DraftConfig:
     """The DraftConfig a checkpoint's config.json describes (training-only knobs at their
     defaults unless given in ``overrides``)."""
     algorithm = checkpoint["speculators_model_type"]
@@ -238,5 +253,7 @@ def load_draft(directory: str | Path, *, verifier_name_or_path: str | None = Non
         )
     own = model.state_dict()
     model.load_state_dict({name: t.to(own[name].dtype) for name, t in tensors.items()}, strict=False)
-    _install_verifier_head(model, read_verifier_head(config.verifier_name_or_path, verifier_config), with_draft_weights=False)
+    _install_verifier_head(
+        model, read_verifier_head(config.verifier_name_or_path, verifier_config), with_draft_weights=False
+    )
     return model

@@ -50,7 +50,9 @@ _INHERITED_KEYS = (
 
 def derive_layer_config(verifier_config: dict, *, num_layers: int, draft_arch: str | None) -> PretrainedConfig:
     """The draft decoder's config: the verifier's shapes, ``num_layers`` layers, Llama or Qwen3."""
-    arch = draft_arch or (verifier_config.get("model_type") if verifier_config.get("model_type") in _CONFIG_CLASSES else "llama")
+    arch = draft_arch or (
+        verifier_config.get("model_type") if verifier_config.get("model_type") in _CONFIG_CLASSES else "llama"
+    )
     kwargs = {k: verifier_config[k] for k in _INHERITED_KEYS if verifier_config.get(k) is not None}
     kwargs.setdefault("head_dim", kwargs["hidden_size"] // kwargs["num_attention_heads"])
     if arch == "qwen3":

@@ -66,7 +66,9 @@ def cod_sample(
 
 
 class PEagleDraft(DraftModel):
-    def __init__(self, config: DraftConfig, layer_config, *, draft_vocab_size: int, target_hidden_size: int, mask_token_id: int):
+    def __init__(
+        self, config: DraftConfig, layer_config, *, draft_vocab_size: int, target_hidden_size: int, mask_token_id: int
+    ):
         super().__init__(config, layer_config, draft_vocab_size=draft_vocab_size, target_hidden_size=target_hidden_size)
         self.mask_token_id = mask_token_id
         self.mask_hidden = nn.Parameter(torch.randn(1, 1, config.num_aux * target_hidden_size))
@@ -75,7 +77,9 @@ class PEagleDraft(DraftModel):
         cfg = self.config
         rows = flatten_rows(batch, cfg.num_aux)
         device = rows.input_ids_N.device
-        label_N = (rows.doc_N >= 0) & (shift_left(rows.doc_N, 1, -1) == rows.doc_N) & shift_left(rows.loss_mask_N, 1, False)
+        label_N = (
+            (rows.doc_N >= 0) & (shift_left(rows.doc_N, 1, -1) == rows.doc_N) & shift_left(rows.loss_mask_N, 1, False)
+        )
         anchor_E, depth_E = cod_sample(label_N, rows.doc_N, cfg, generator)
         position_E = anchor_E + depth_E
         first_E = depth_E == 0

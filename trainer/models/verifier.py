@@ -53,7 +53,9 @@ def resolve_verifier_dir(name_or_path: str | Path, *, download=None) -> Path:
     try:
         root = Path(download(repo, "config.json")).parent
     except Exception as e:  # offline, unknown repo, no access: all mean the same to the user
-        raise ValueError(f"--verifier-name-or-path {repo}: not a local directory, and the hub has no config.json for it ({e})") from e
+        raise ValueError(
+            f"--verifier-name-or-path {repo}: not a local directory, and the hub has no config.json for it ({e})"
+        ) from e
     try:
         index_file = download(repo, "model.safetensors.index.json")
     except Exception:  # a single-file checkpoint
@@ -121,7 +123,11 @@ def read_verifier_head(path: str | Path, config: dict | None = None) -> Verifier
             raise ValueError(f"--verifier-name-or-path {path}: no lm_head.weight and tie_word_embeddings is false")
         lm_head = embed
     vocab, hidden = config["vocab_size"], config["hidden_size"]
-    expected = (("embed_tokens", embed, (vocab, hidden)), ("norm", norm, (hidden,)), ("lm_head", lm_head, (vocab, hidden)))
+    expected = (
+        ("embed_tokens", embed, (vocab, hidden)),
+        ("norm", norm, (hidden,)),
+        ("lm_head", lm_head, (vocab, hidden)),
+    )
     for name, t, shape in expected:
         if tuple(t.shape) != shape:
             raise ValueError(f"--verifier-name-or-path {path}: {name} has shape {tuple(t.shape)}, config says {shape}")

@@ -17,7 +17,9 @@ def select_draft_ids(token_freq: dict[int, int], draft_vocab_size: int, target_v
         raise ValueError(f"--draft-vocab-size {draft_vocab_size} exceeds the verifier vocab {target_vocab_size}")
     bad = [t for t in token_freq if not 0 <= int(t) < target_vocab_size]
     if bad:
-        raise ValueError(f"token_freq.pt has ids outside the verifier vocab [0, {target_vocab_size}): {sorted(bad)[:5]}")
+        raise ValueError(
+            f"token_freq.pt has ids outside the verifier vocab [0, {target_vocab_size}): {sorted(bad)[:5]}"
+        )
     ranked = sorted(token_freq, key=lambda t: (-token_freq[t], int(t)))
     chosen = [int(t) for t in ranked[:draft_vocab_size]]
     taken = set(chosen)

@@ -14,16 +14,15 @@ from protocol.sockets import SocketConfig, rank_endpoints
 from protocol.target import TargetSpec, sample_nbytes
 
 BATCHES_BUFFERED = 4  # --buffer-bytes default: this many full batches (batch_tokens each)
-UNSIZED_BUFFER_BYTES = 2 << 30  # --buffer-bytes default for callers that give no batch_tokens (tests, tools)
 
 
 @dataclasses.dataclass(kw_only=True)
 class StreamConfig:
-    rank: int = 0
     endpoint: str  # --stream-endpoint: base, see rank_endpoints
+    batch_tokens: int  # tokens of one optimizer step on this rank: --total-seq-len x --grad-accum-steps
+    rank: int = 0
     advertise_host: str | None = None  # host producers should push data to, when binding 0.0.0.0
     buffer_bytes: int | None = None  # --buffer-bytes; None: BATCHES_BUFFERED full batches, see buffer_budget
-    batch_tokens: int | None = None  # tokens of one optimizer step on this rank: --total-seq-len x --grad-accum-steps
     lease_seconds: float = 120.0  # --lease-seconds
     samples_per_lease: int = 8
     leases_per_producer: int = 2
@@ -32,13 +31,21 @@ class StreamConfig:
     stall_timeout_seconds: float = 1800.0  # --stall-timeout: the loop gives up waiting for data
     skip_nonfinite: bool = False  # --skip-nonfinite: NaN/Inf samples are skipped and counted
     spill_dir: str | None = None  # --spill-dir: tee every received sample to hs_{i}.safetensors
-    socket: SocketConfig = dataclasses.field(default_factory=lambda: SocketConfig(sndhwm=64, rcvhwm=8))
+    socket: SocketConfig = dataclasses.field(default_factory=lambda: StreamConfig.default_socket())
+
+    @staticmethod
+    def default_socket() -> SocketConfig:
+        """Grants and heartbeats may queue (64); received data stays shallow (8): the buffer's
+        credit, not the high-water mark, bounds what producers send."""
+        return SocketConfig(sndhwm=64, rcvhwm=8)
 
     def __post_init__(self) -> None:
         if self.buffer_bytes is not None and self.buffer_bytes <= 0:
             raise ValueError(f"--buffer-bytes must be positive, got {self.buffer_bytes}")
-        if self.batch_tokens is not None and self.batch_tokens <= 0:
-            raise ValueError(f"tokens per batch (--total-seq-len x --grad-accum-steps) must be positive, got {self.batch_tokens}")
+        if self.batch_tokens <= 0:
+            raise ValueError(
+                f"tokens per batch (--total-seq-len x --grad-accum-steps) must be positive, got {self.batch_tokens}"
+            )
         if self.lease_seconds <= 0 or self.stall_timeout_seconds <= 0:
             raise ValueError("--lease-seconds and --stall-timeout must be positive")
         if self.samples_per_lease < 1 or self.leases_per_producer < 1:
@@ -50,7 +57,5 @@ class StreamConfig:
         ``BATCHES_BUFFERED`` batches of ``batch_tokens`` tokens of ``target``'s captures."""
         if self.buffer_bytes is not None:
             return self.buffer_bytes
-        if self.batch_tokens is None:
-            return UNSIZED_BUFFER_BYTES
         per_batch = sample_nbytes(self.batch_tokens, len(target.layer_ids), target.hidden_size, DTYPES[target.dtype])
         return BATCHES_BUFFERED * per_batch

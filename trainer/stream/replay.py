@@ -75,13 +75,17 @@ class ReplayBuffer:
             if key in self._samples:
                 raise KeyError(f"sample {key} is already stored")
             if nbytes > self.ledger.reserved(key):
-                raise ValueError(f"sample {key} holds {nbytes} bytes but only {self.ledger.reserved(key)} were reserved")
+                raise ValueError(
+                    f"sample {key} holds {nbytes} bytes but only {self.ledger.reserved(key)} were reserved"
+                )
             self._samples[key] = sample
             self.stored_bytes += nbytes
             self.peak_bytes = max(self.peak_bytes, self.stored_bytes)
             self._cond.notify_all()
 
-    def take(self, keys: Sequence[Hashable], *, timeout: float | None = None, poll: float = 0.5, check=None) -> list[TrainSample]:
+    def take(
+        self, keys: Sequence[Hashable], *, timeout: float | None = None, poll: float = 0.5, check=None
+    ) -> list[TrainSample]:
         """Block until every key is stored, then hand them out in order; a key on its last use is
         removed and its credit released. ``check()`` runs between waits (to surface IO errors)."""
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -67,7 +67,9 @@ class StreamSampleSource(SampleSource):
         self._length_of = lengths
         self._dtype = DTYPES[target.dtype]
         self.buffer = ReplayBuffer(config.buffer_budget(target))
-        self._io = StreamIO(config, target, self.buffer, lengths=lengths, nbytes=self._nbytes, expected_tokens=expected_tokens)
+        self._io = StreamIO(
+            config, target, self.buffer, lengths=lengths, nbytes=self._nbytes, expected_tokens=expected_tokens
+        )
         self.control_endpoint, self.data_endpoint = self._io.control_endpoint, self._io.data_endpoint
         self._fetch_order: collections.deque[tuple[int, int]] = collections.deque()
         self._order_lock = threading.Lock()
@@ -94,7 +96,9 @@ class StreamSampleSource(SampleSource):
         return [self._length_of(s) for s in sample_ids]
 
     def _nbytes(self, sample_id: int) -> int:
-        return sample_nbytes(self._length_of(sample_id), len(self.target.layer_ids), self.target.hidden_size, self._dtype)
+        return sample_nbytes(
+            self._length_of(sample_id), len(self.target.layer_ids), self.target.hidden_size, self._dtype
+        )
 
     def peak_live_bytes(self, sample_ids: Sequence[int]) -> int:
         """Most bytes held at once when fetching ``sample_ids`` in order: a sample occupies the
@@ -116,10 +120,14 @@ class StreamSampleSource(SampleSource):
     def fetch(self, sample_ids: Sequence[int]) -> FetchResult:
         with self._order_lock:
             if len(self._fetch_order) < len(sample_ids):
-                raise RuntimeError(f"fetch of {len(sample_ids)} samples but only {len(self._fetch_order)} are scheduled")
+                raise RuntimeError(
+                    f"fetch of {len(sample_ids)} samples but only {len(self._fetch_order)} are scheduled"
+                )
             keys = [self._fetch_order.popleft() for _ in sample_ids]
         if [sid for _, sid in keys] != [int(s) for s in sample_ids]:
-            raise RuntimeError(f"fetch order diverged from the schedule: asked {list(sample_ids)[:8]}, scheduled {keys[:8]}")
+            raise RuntimeError(
+                f"fetch order diverged from the schedule: asked {list(sample_ids)[:8]}, scheduled {keys[:8]}"
+            )
         try:
             got = self.buffer.take(keys, timeout=self.config.stall_timeout_seconds, check=self._check)
         except BufferTimeout as e:

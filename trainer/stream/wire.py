@@ -247,7 +247,9 @@ class StreamIO:
             hidden_states=message.hidden_states,
         )
         if self.config.spill_dir:
-            write_hs_file(self.config.spill_dir, message.sample_id, message.token_ids, message.hidden_states.contiguous())
+            write_hs_file(
+                self.config.spill_dir, message.sample_id, message.token_ids, message.hidden_states.contiguous()
+            )
         self.buffer.put(key, sample)
         self.stats["samples"] += 1
         self.stats["bytes"] += message.nbytes
@@ -262,7 +264,9 @@ class StreamIO:
             return f"hidden states [T, {num_layers}, {hidden}], expected [T, {len(self.target.layer_ids)}, {self.target.hidden_size}]"
         if message.hidden_states.dtype != self._dtype:
             return f"dtype {message.hidden_states.dtype}, expected {self.target.dtype}"
-        if self._expected_tokens is not None and not torch.equal(message.token_ids, self._expected_tokens(message.sample_id)):
+        if self._expected_tokens is not None and not torch.equal(
+            message.token_ids, self._expected_tokens(message.sample_id)
+        ):
             return "token ids differ from the prepared dataset's row (producer reads another dataset?)"
         return ""
 
@@ -307,7 +311,13 @@ class StreamIO:
         producer.last_seen = time.monotonic()
         if isinstance(message, LeaseFailed):
             returned = self.leases.fail(message.lease_id, message.sample_ids)
-            logger.warning("producer %s failed lease %d (%s): %d samples go back", producer.producer_id, message.lease_id, message.reason, len(returned))
+            logger.warning(
+                "producer %s failed lease %d (%s): %d samples go back",
+                producer.producer_id,
+                message.lease_id,
+                message.reason,
+                len(returned),
+            )
         elif isinstance(message, EndOfStream):
             self._lost(route, f"left: {message.reason}")
         elif isinstance(message, Error):
@@ -350,16 +360,25 @@ class StreamIO:
         late = {lease.producer for lease in expiring}
         for lease in expiring:
             who = self.producers.get(lease.producer)
-            logger.warning("lease %d of %s expired with %d of %d samples undelivered; granting them again",
-                           lease.lease_id, who.producer_id if who else "a departed producer", len(lease.outstanding), len(lease.sample_ids))
+            logger.warning(
+                "lease %d of %s expired with %d of %d samples undelivered; granting them again",
+                lease.lease_id,
+                who.producer_id if who else "a departed producer",
+                len(lease.outstanding),
+                len(lease.sample_ids),
+            )
         self.leases.expire()
         for route, producer in list(self.producers.items()):
             silent = now - producer.last_seen
-            if silent > self.config.producer_timeout_seconds or (route in late and silent > 3 * self.config.heartbeat_seconds):
+            if silent > self.config.producer_timeout_seconds or (
+                route in late and silent > 3 * self.config.heartbeat_seconds
+            ):
                 self._lost(route, f"silent for {silent:.0f}s")
         if now - self._last_heartbeat > self.config.heartbeat_seconds:
             self._last_heartbeat = now
-            self._broadcast(control, Heartbeat(sender=f"trainer-{self.config.rank}", time_s=time.time(), stats=self.snapshot()))
+            self._broadcast(
+                control, Heartbeat(sender=f"trainer-{self.config.rank}", time_s=time.time(), stats=self.snapshot())
+            )
         self._grant(control)
 
     def _grant(self, control: zmq.Socket) -> None:
@@ -373,7 +392,12 @@ class StreamIO:
                 lease = self.leases.take(route, self.config.samples_per_lease, fits=self._fits)
                 if lease is None:
                     return  # nothing pending, or no room in the buffer
-                grant = Grant(lease_id=lease.lease_id, epoch=lease.epoch, sample_ids=list(lease.sample_ids), deadline_s=self.config.lease_seconds)
+                grant = Grant(
+                    lease_id=lease.lease_id,
+                    epoch=lease.epoch,
+                    sample_ids=list(lease.sample_ids),
+                    deadline_s=self.config.lease_seconds,
+                )
                 if self._send(control, route, grant):
                     granted = True
                 else:  # never delivered: back to pending now rather than at the lease deadline

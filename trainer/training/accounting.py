@@ -29,9 +29,17 @@ class AccountingLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a")
 
-    def record(self, *, epoch: int, step: int, global_step: int, logical_rank: int, sample_ids: list[int], skipped: list[int]) -> None:
-        line = {"epoch": epoch, "step": step, "global_step": global_step, "logical_rank": logical_rank,
-                "sample_ids": list(sample_ids), "skipped": list(skipped)}  # fmt: skip
+    def record(
+        self, *, epoch: int, step: int, global_step: int, logical_rank: int, sample_ids: list[int], skipped: list[int]
+    ) -> None:
+        line = {
+            "epoch": epoch,
+            "step": step,
+            "global_step": global_step,
+            "logical_rank": logical_rank,
+            "sample_ids": list(sample_ids),
+            "skipped": list(skipped),
+        }
         self._file.write(json.dumps(line) + "\n")
 
     def flush(self) -> None:

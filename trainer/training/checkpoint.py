@@ -199,7 +199,9 @@ def load_optimizer_and_schedulers(
     sched = _load_pt(directory / SCHEDULER_FILE)
     states = sched["schedulers"] if "schedulers" in sched else [sched]
     if len(states) != len(schedulers):
-        raise ValueError(f"{directory}: {len(states)} scheduler states for {len(schedulers)} optimizers (--optimizer changed?)")
+        raise ValueError(
+            f"{directory}: {len(states)} scheduler states for {len(schedulers)} optimizers (--optimizer changed?)"
+        )
     for s, st in zip(schedulers, states):
         s.load_state_dict(st)
 
@@ -220,4 +222,3 @@ def update_best_link(save_path: str | os.PathLike, target: str) -> None:
 
 def remove_checkpoint(save_path: str | os.PathLike, name: str) -> None:
     shutil.rmtree(Path(save_path) / name, ignore_errors=True)
-

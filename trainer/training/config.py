@@ -63,10 +63,19 @@ class LoopConfig:
         need(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
         need(self.total_seq_len >= 1, f"--total-seq-len must be >= 1, got {self.total_seq_len}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        need(self.optimizer != "muon" or hasattr(torch.optim, "Muon"), "--optimizer muon needs torch.optim.Muon (torch >= 2.9)")
+        need(
+            self.optimizer != "muon" or hasattr(torch.optim, "Muon"),
+            "--optimizer muon needs torch.optim.Muon (torch >= 2.9)",
+        )
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
-        need(self.scheduler_type in SCHEDULERS, f"--scheduler-type must be one of {SCHEDULERS}, got {self.scheduler_type!r}")
-        need(self.warmup_steps is None or self.warmup_steps >= 0, f"--scheduler-warmup-steps must be >= 0, got {self.warmup_steps}")
+        need(
+            self.scheduler_type in SCHEDULERS,
+            f"--scheduler-type must be one of {SCHEDULERS}, got {self.scheduler_type!r}",
+        )
+        need(
+            self.warmup_steps is None or self.warmup_steps >= 0,
+            f"--scheduler-warmup-steps must be >= 0, got {self.warmup_steps}",
+        )
         need(
             self.warmup_ratio is None or 0 <= self.warmup_ratio <= 1,
             f"--scheduler-warmup-ratio must be in [0, 1], got {self.warmup_ratio}",

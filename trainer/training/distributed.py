@@ -81,7 +81,9 @@ def init_distributed(device: str = "auto", *, timeout_s: float = 1800.0) -> Dist
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=dev if dev.type == "cuda" else None,
         )
-    return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev, backend=backend)
+    return DistEnv(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev, backend=backend
+    )
 
 
 def close_distributed(env: DistEnv) -> None:
@@ -116,7 +118,11 @@ def broadcast_ids(ids: Sequence[int], env: DistEnv) -> list[int]:
     if not env.is_distributed:
         return [int(i) for i in ids]
     n = broadcast_int(len(ids) if env.is_main else 0, env)
-    t = torch.tensor(list(ids), dtype=torch.int64, device=env.device) if env.is_main else torch.empty(n, dtype=torch.int64, device=env.device)
+    t = (
+        torch.tensor(list(ids), dtype=torch.int64, device=env.device)
+        if env.is_main
+        else torch.empty(n, dtype=torch.int64, device=env.device)
+    )
     dist.broadcast(t, src=0)
     return t.tolist()
 
@@ -128,13 +134,20 @@ def shard_model(model: nn.Module, env: DistEnv, *, bf16: bool) -> nn.Module:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    )
     for layer in model.decoder_layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    logger.info("FSDP2 over %d ranks (%s): %d decoder layers sharded, then the root; params %s, reduce %s",
-                env.world_size, env.backend, len(model.decoder_layers), "bf16" if bf16 else "fp32",
-                "fp32" if bf16 else "fp32")  # fmt: skip
+    logger.info(
+        "FSDP2 over %d ranks (%s): %d decoder layers sharded, then the root; params %s, reduce %s",
+        env.world_size,
+        env.backend,
+        len(model.decoder_layers),
+        "bf16" if bf16 else "fp32",
+        "fp32" if bf16 else "fp32",
+    )
     return model
 
 

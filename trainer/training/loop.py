@@ -57,28 +57,12 @@ from trainer.training import checkpoint as ckpt
 from trainer.training.accounting import ACCOUNTING_DIR, AccountingLog, truncate_accounting, truncate_records
 from trainer.training.config import LoopConfig
 from trainer.training.distributed import DistEnv, all_reduce_sum, barrier, is_sharded, set_gradient_sync
-from trainer.training.metrics import RunLog
-from trainer.training.optim import build_optimizers, build_schedulers
+from trainer.training.metrics import RunLog, StepResult
+from trainer.training.optim import build_optimizers, build_schedulers, step_optimizers
+from trainer.training.state import TrainState
 from trainer.training.trackers import Tracker
 
 logger = logging.getLogger(__name__)
-
-@dataclasses.dataclass(kw_only=True)
-class StepResult:
-    epoch: int
-    step: int
-    global_step: int
-    loss: float
-    metrics: dict[str, float]
-    num_loss_tokens: int
-    num_tokens: int  # real tokens over all ranks
-    lr: float
-    grad_norm: float
-    seconds: float
-    stop_requested: bool
-    data_wait_s: float = 0.0  # time the loop waited for this step's data (stall)
-    num_samples: int = 0  # samples this process trained on in the step
-    wall_s: float = 0.0  # wall time since the previous step ended
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -88,28 +72,6 @@ class FitResult:
     signal: int | None = None
     checkpoint: Path | None = None
     val_history: dict[int, float] = dataclasses.field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------------------------
-# Pieces
-
-
-def make_filler_batch(*, num_layers: int, hidden_size: int, dtype: torch.dtype, length: int = 8) -> PackedBatch:
-    """A small, well-conditioned synthetic batch (random states, every position supervised) for
-    ranks whose plan slot is empty: its loss is multiplied by zero, it exists to join collectives."""
-    g = torch.Generator().manual_seed(0)
-    return PackedBatch(
-        input_ids=torch.arange(length, dtype=torch.int64)[None],
-        hidden_states=torch.randn(1, length, num_layers, hidden_size, generator=g).to(dtype),
-        loss_mask=torch.ones(1, length, dtype=torch.bool),
-        position_ids=torch.arange(length, dtype=torch.int64)[None],
-        document_ids=torch.zeros(1, length, dtype=torch.int64),
-        sample_ids=[],
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# The trainer
 
 
 class Trainer:
@@ -153,17 +115,32 @@ class Trainer:
             raise ValueError("no training samples (check --data-path, --hidden-states-path and --val-ratio)")
         lengths = train_source.lengths(train_ids)
         self.plans = [
-            BatchPlan.build(sample_ids=train_ids, lengths=lengths, seed=config.seed, epoch=e,
-                            world_size=self.logical_world, total_seq_len=config.total_seq_len,
-                            reuse=config.reuse, reuse_window=config.reuse_window)
+            BatchPlan.build(
+                sample_ids=train_ids,
+                lengths=lengths,
+                seed=config.seed,
+                epoch=e,
+                world_size=self.logical_world,
+                total_seq_len=config.total_seq_len,
+                reuse=config.reuse,
+                reuse_window=config.reuse_window,
+            )
             for e in range(config.epochs)
-        ]  # fmt: skip
+        ]
         val_ids = [int(i) for i in val_ids]
         self.val_plan = (
-            BatchPlan.build(sample_ids=val_ids, lengths=self.val_source.lengths(val_ids), seed=config.seed, epoch=0,
-                            world_size=env.world_size, total_seq_len=config.total_seq_len, shuffle=False)
-            if val_ids else None
-        )  # fmt: skip
+            BatchPlan.build(
+                sample_ids=val_ids,
+                lengths=self.val_source.lengths(val_ids),
+                seed=config.seed,
+                epoch=0,
+                world_size=env.world_size,
+                total_seq_len=config.total_seq_len,
+                shuffle=False,
+            )
+            if val_ids
+            else None
+        )
         planned = sum(p.num_steps for p in self.plans)
         self.total_steps = min(planned, config.max_steps) if config.max_steps else planned
 
@@ -171,55 +148,39 @@ class Trainer:
         self.schedulers = build_schedulers(self.optimizers, config, self.total_steps)
         self.params = [p for p in model.parameters() if p.requires_grad]
 
-        self.epoch = 0
-        self.step_in_epoch = 0
-        self.global_step = 0
-        self.epoch_complete = False
-        self.val_history: dict[int, float] = {}
-        self.train_loss_history: dict[int, float] = {}
-        self.best_epoch: int | None = None
-        self._epoch_loss = [0.0, 0.0]  # sum(loss * n), sum(n) of the current epoch
+        self.state = TrainState()
         self.stop = StopSignals("stopping after this step and writing a checkpoint")
         self._accounting = AccountingLog(self.save_path / ACCOUNTING_DIR / f"rank{env.rank}.jsonl")
-        self._log = RunLog(path=self.save_path / "train_log.jsonl" if env.is_main else None, source=train_source,
-                           log_every=config.log_every, total_steps=self.total_steps)  # fmt: skip
+        self._log = RunLog(
+            path=self.save_path / "train_log.jsonl" if env.is_main else None,
+            source=train_source,
+            log_every=config.log_every,
+            total_steps=self.total_steps,
+        )
         self._scheduled: set[int] = set()  # epochs already announced to a streaming source
 
     # ---- state ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        plan = self.plans[min(self.epoch, len(self.plans) - 1)]
+        plan = self.plans[min(self.state.epoch, len(self.plans) - 1)]
         return {
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "global_step": self.global_step,
-            "epoch_complete": self.epoch_complete,
+            **self.state.state_dict(),
             "plan": plan.describe(),
-            "val_history": {str(k): v for k, v in self.val_history.items()},
-            "train_loss_history": {str(k): v for k, v in self.train_loss_history.items()},
-            "best_epoch": self.best_epoch,
-            "epoch_loss": list(self._epoch_loss),
             "rng": ckpt.capture_rng_state(),
             "run_config": {k: str(v) for k, v in self.run_config.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
-        if epoch < len(self.plans) and step > 0 and not state.get("epoch_complete"):
-            expected = state["plan"]["fingerprint"]
-            if self.plans[epoch].fingerprint != expected:
+        restored = TrainState.from_state_dict(state)
+        epoch, step = restored.epoch, restored.step_in_epoch
+        if epoch < len(self.plans) and step > 0 and not restored.epoch_complete:
+            if self.plans[epoch].fingerprint != state["plan"]["fingerprint"]:
                 raise ValueError(
                     f"cannot resume mid-epoch {epoch}: the batch plan differs from the checkpoint's (dataset, "
                     "--seed, --total-seq-len, world size or --grad-accum-steps changed); restore them, or start "
                     "a new --save-path"
                 )
-        self.epoch, self.step_in_epoch = epoch, step
-        self.global_step = int(state["global_step"])
-        self.epoch_complete = bool(state.get("epoch_complete", False))
-        self.val_history = {int(k): float(v) for k, v in state.get("val_history", {}).items()}
-        self.train_loss_history = {int(k): float(v) for k, v in state.get("train_loss_history", {}).items()}
-        self.best_epoch = state.get("best_epoch")
-        self._epoch_loss = [float(x) for x in state.get("epoch_loss", [0.0, 0.0])]
+        self.state = restored
         if "rng" in state:
             ckpt.restore_rng_state(state["rng"])
 
@@ -227,8 +188,9 @@ class Trainer:
         """Resume from a checkpoint folder: optimizer, scheduler, progress, RNG, accounting.
         (Weights are loaded before sharding, by the caller: ``checkpoint.load_master_weights``.)"""
         directory = Path(directory)
-        ckpt.load_optimizer_and_schedulers(directory, env=self.env, model=self.model,
-                                           optimizers=self.optimizers, schedulers=self.schedulers)  # fmt: skip
+        ckpt.load_optimizer_and_schedulers(
+            directory, env=self.env, model=self.model, optimizers=self.optimizers, schedulers=self.schedulers
+        )
         state = ckpt.read_training_state(directory)
         own_rng = ckpt.load_rng_state(directory, self.env.rank)
         if own_rng is not None:
@@ -237,16 +199,24 @@ class Trainer:
         self._accounting.flush()
         barrier(self.env)
         if self.env.is_main:
-            dropped = truncate_accounting(self.save_path, self.global_step)
-            truncate_records(self._log.jsonl.path, self.global_step)
+            dropped = truncate_accounting(self.save_path, self.state.global_step)
+            truncate_records(self._log.jsonl.path, self.state.global_step)
             self._log.jsonl.reopen()
             if dropped:
-                logger.warning("dropped %d accounting records past global step %d (work done after the checkpoint)",
-                               dropped, self.global_step)  # fmt: skip
+                logger.warning(
+                    "dropped %d accounting records past global step %d (work done after the checkpoint)",
+                    dropped,
+                    self.state.global_step,
+                )
         barrier(self.env)
         self._accounting.reopen()
-        logger.info("resumed from %s: epoch %d, step %d in epoch, global step %d",
-                    directory, self.epoch, self.step_in_epoch, self.global_step)  # fmt: skip
+        logger.info(
+            "resumed from %s: epoch %d, step %d in epoch, global step %d",
+            directory,
+            self.state.epoch,
+            self.state.step_in_epoch,
+            self.state.global_step,
+        )
 
     # ---- one step -----------------------------------------------------------------------------
 
@@ -289,37 +259,37 @@ class Trainer:
                 metric_names = sorted(out.metrics)
                 metric_sums = torch.zeros(len(metric_names), dtype=torch.float64, device=self.device)
             if float(n) > 0:  # a filler's (or an unsupervised batch's) metrics may be NaN: never add them
-                metric_sums += torch.stack([out.metrics[k].detach().double().reshape(()) for k in metric_names]) * float(n)
+                metric_sums += torch.stack(
+                    [out.metrics[k].detach().double().reshape(()) for k in metric_names]
+                ) * float(n)
                 local_n += float(n)
                 local_loss += float(out.loss.detach()) * float(n)
             local_tokens += batch.num_tokens if real else 0
-        head = torch.tensor([local_n, local_loss, local_tokens, float(self.stop.requested)],
-                            dtype=torch.float64, device=self.device)  # fmt: skip
+        head = torch.tensor(
+            [local_n, local_loss, local_tokens, float(self.stop.requested)], dtype=torch.float64, device=self.device
+        )
         sums = all_reduce_sum(torch.cat([head, metric_sums]), self.env)
         total_n, total_loss, total_tokens, stops = sums[:4].tolist()
         # Gradients hold sum_i d(loss_i * n_i) (averaged over ranks by FSDP's reduce-scatter).
         scale = (self.env.world_size if is_sharded(self.model) else 1.0) / max(total_n, 1.0)
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        lr = self.optimizers[-1].param_groups[0]["lr"]
-        for o in self.optimizers:
-            o.step()
-        for s in self.schedulers:
-            s.step()
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=True)
+        grad_norm, lr = step_optimizers(
+            self.params, self.optimizers, self.schedulers, grad_scale=scale, max_grad_norm=cfg.max_grad_norm
+        )
         denom = max(total_n, 1.0)
         metrics = {k: float(v) / denom for k, v in zip(metric_names or [], sums[4:].tolist())}
         return StepResult(
-            epoch=epoch, step=step, global_step=self.global_step + 1, loss=total_loss / denom, metrics=metrics,
-            num_loss_tokens=int(total_n), num_tokens=int(total_tokens), lr=lr, grad_norm=float(grad_norm),
-            seconds=time.perf_counter() - t0, stop_requested=stops > 0,
-        )  # fmt: skip
+            epoch=epoch,
+            step=step,
+            global_step=self.state.global_step + 1,
+            loss=total_loss / denom,
+            metrics=metrics,
+            num_loss_tokens=int(total_n),
+            num_tokens=int(total_tokens),
+            lr=lr,
+            grad_norm=float(grad_norm),
+            seconds=time.perf_counter() - t0,
+            stop_requested=stops > 0,
+        )
 
     # ---- validation -----------------------------------------------------------------------------
 
@@ -333,7 +303,11 @@ class Trainer:
         for step, [(_, ids)] in order.val_steps(self.val_plan, self.env.rank):
             fetched = self.val_source.fetch(ids) if ids else FetchResult(samples=[])
             real = bool(fetched.samples)
-            batch = pack(fetched.samples, self.val_plan.total_seq_len).to(self.device) if real else self.filler.to(self.device)
+            batch = (
+                pack(fetched.samples, self.val_plan.total_seq_len).to(self.device)
+                if real
+                else self.filler.to(self.device)
+            )
             out = self._forward(batch, self._generator("val", step, self.env.rank))
             n = float(out.num_loss_tokens) if real else 0.0
             if sums is None:
@@ -355,30 +329,38 @@ class Trainer:
             raise ValueError("this Trainer was built without save_draft; it cannot write checkpoints")
         self._accounting.flush()
         path = ckpt.save_checkpoint(
-            self.save_path, name, env=self.env, model=self.model, optimizers=self.optimizers,
-            schedulers=self.schedulers, training_state=self.state_dict(), save_draft=self.save_draft,
-        )  # fmt: skip
-        logger.info("checkpoint %s (epoch %d, step %d in epoch, global step %d)", path, self.epoch,
-                    self.step_in_epoch, self.global_step)  # fmt: skip
+            self.save_path,
+            name,
+            env=self.env,
+            model=self.model,
+            optimizers=self.optimizers,
+            schedulers=self.schedulers,
+            training_state=self.state_dict(),
+            save_draft=self.save_draft,
+        )
+        logger.info(
+            "checkpoint %s (epoch %d, step %d in epoch, global step %d)",
+            path,
+            self.state.epoch,
+            self.state.step_in_epoch,
+            self.state.global_step,
+        )
         return path
 
     def _finish_epoch(self, epoch: int, *, force_save: bool) -> Path | None:
         values = self.validate()
-        if self._epoch_loss[1] > 0:
-            self.train_loss_history[epoch] = self._epoch_loss[0] / self._epoch_loss[1]
+        self.state.end_epoch(epoch, None if values is None else values["val_loss"])
         if values is not None:
-            self.val_history[epoch] = values["val_loss"]
-            self._log.val(epoch, self.global_step, values)
-        score = self.val_history if self.val_history else self.train_loss_history
+            self._log.val(epoch, self.state.global_step, values)
         path = None
         last = epoch == self.config.epochs - 1
         if force_save or last or (epoch + 1) % self.config.checkpoint_freq == 0:
-            if epoch in score and (self.best_epoch is None or self.best_epoch not in score or score[epoch] <= score[self.best_epoch]):
-                self.best_epoch = epoch
+            self.state.update_best(epoch)
             path = self.save(str(epoch))
+            best = self.state.best_epoch
             if self.env.is_main:
-                if self.best_epoch is not None and (self.save_path / str(self.best_epoch)).is_dir():
-                    ckpt.update_best_link(self.save_path, str(self.best_epoch))
+                if best is not None and (self.save_path / str(best)).is_dir():
+                    ckpt.update_best_link(self.save_path, str(best))
                 ckpt.remove_checkpoint(self.save_path, ckpt.MID_EPOCH_NAME)
             barrier(self.env)
         return path
@@ -386,7 +368,7 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------
 
     def _out_of_steps(self) -> bool:
-        return self.config.max_steps is not None and self.global_step >= self.config.max_steps
+        return self.config.max_steps is not None and self.state.global_step >= self.config.max_steps
 
     def fetch_step(self, epoch: int, step: int) -> list[MicroBatch]:
         """This process's micro-batches of (epoch, step), fetched and packed synchronously."""
@@ -396,8 +378,14 @@ class Trainer:
         """Steps from the cursor to the end of the epoch (or --max-steps); a FitResult if a stop
         signal ended it."""
         cfg = self.config
-        prefetch = Prefetcher(plan=plan, source=self.train_source, logical_ranks=self.logical_ranks,
-                               start_step=self.step_in_epoch, depth=cfg.prefetch_depth, pin=self.device.type == "cuda")  # fmt: skip
+        prefetch = Prefetcher(
+            plan=plan,
+            source=self.train_source,
+            logical_ranks=self.logical_ranks,
+            start_step=self.state.step_in_epoch,
+            depth=cfg.prefetch_depth,
+            pin=self.device.type == "cuda",
+        )
         waited, last_end = prefetch.wait_seconds, time.perf_counter()
         try:
             for step, micros in prefetch:
@@ -408,25 +396,41 @@ class Trainer:
                 result.data_wait_s, result.wall_s = prefetch.wait_seconds - waited, now - last_end
                 result.num_samples = sum(len(m.fetched.samples) for m in micros)
                 waited, last_end = prefetch.wait_seconds, now
-                self.global_step = result.global_step
-                self.step_in_epoch = step + 1
-                self._epoch_loss[0] += result.loss * result.num_loss_tokens
-                self._epoch_loss[1] += result.num_loss_tokens
+                self.state.add_step(
+                    step=step, global_step=result.global_step, loss=result.loss, num_loss_tokens=result.num_loss_tokens
+                )
                 for micro in micros:
                     self._accounting.record(
-                        epoch=epoch, step=step, global_step=self.global_step, logical_rank=micro.logical_rank,
-                        sample_ids=[s.sample_id for s in micro.fetched.samples], skipped=micro.fetched.skipped,
-                    )  # fmt: skip
+                        epoch=epoch,
+                        step=step,
+                        global_step=self.state.global_step,
+                        logical_rank=micro.logical_rank,
+                        sample_ids=[s.sample_id for s in micro.fetched.samples],
+                        skipped=micro.fetched.skipped,
+                    )
                 self._accounting.flush()
                 self._log.step(result, bar, steps_in_epoch=plan.num_steps)
                 if result.stop_requested:
                     path = self.save(ckpt.MID_EPOCH_NAME)
                     signum = self.stop.signum or signal.SIGTERM
-                    logger.warning("stopped by %s at global step %d; run the same command to resume from %s",
-                                   signal.Signals(signum).name, self.global_step, path)  # fmt: skip
-                    return FitResult(status="interrupted", global_step=self.global_step, signal=int(signum),
-                                     checkpoint=path, val_history=dict(self.val_history))  # fmt: skip
-                if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0 and self.step_in_epoch < plan.num_steps:
+                    logger.warning(
+                        "stopped by %s at global step %d; run the same command to resume from %s",
+                        signal.Signals(signum).name,
+                        self.state.global_step,
+                        path,
+                    )
+                    return FitResult(
+                        status="interrupted",
+                        global_step=self.state.global_step,
+                        signal=int(signum),
+                        checkpoint=path,
+                        val_history=dict(self.state.val_history),
+                    )
+                if (
+                    cfg.save_every_steps
+                    and self.state.global_step % cfg.save_every_steps == 0
+                    and self.state.step_in_epoch < plan.num_steps
+                ):
                     self.save(ckpt.MID_EPOCH_NAME)
         finally:
             prefetch.close()
@@ -434,61 +438,69 @@ class Trainer:
 
     def _schedule_stream(self, epoch: int) -> None:
         """A streaming source learns, in fetch order, what this process will fetch in ``epoch``:
-        training from the cursor, then validation, which runs for every epoch the loop enters. A
-        later epoch is entered only if --max-steps leaves it steps, so the schedule is exact."""
+        training from the cursor, then validation, which runs for every epoch the loop enters."""
         if epoch >= self.config.epochs or epoch in self._scheduled:
             return
         self._scheduled.add(epoch)
-        plan = self.plans[epoch]
-        start = self.step_in_epoch if epoch == self.epoch else 0
-        end = plan.num_steps
-        if self.config.max_steps is not None:
-            steps_before = sum(self.plans[e].num_steps for e in range(self.epoch, epoch)) - (self.step_in_epoch if epoch > self.epoch else 0)
-            budget = self.config.max_steps - self.global_step - steps_before
-            if epoch > self.epoch and budget <= 0:
-                return  # the run ends before this epoch
-            end = min(end, start + max(0, budget))
+        s = self.state
+        window = order.steps_to_train(
+            self.plans,
+            epoch,
+            cursor=(s.epoch, s.step_in_epoch),
+            global_step=s.global_step,
+            max_steps=self.config.max_steps,
+        )
+        if window is None:
+            return  # the run ends before this epoch
         val_plan = self.val_plan if self.val_source is self.train_source else None
-        ids = order.fetch_order(plan, self.logical_ranks, start_step=start, end_step=end, val_plan=val_plan,
-                                val_rank=self.env.rank)  # fmt: skip
+        ids = order.fetch_order(
+            self.plans[epoch],
+            self.logical_ranks,
+            start_step=window[0],
+            end_step=window[1],
+            val_plan=val_plan,
+            val_rank=self.env.rank,
+        )
         self.train_source.schedule(epoch, ids)
 
     def fit(self) -> FitResult:
         cfg = self.config
         self._log.tracker = Tracker(cfg, self.env, self.run_config)
-        bar = None
-        if cfg.progress and self.env.is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.total_steps, initial=self.global_step, desc="train", unit="step", dynamic_ncols=True,
-                       disable=None, leave=False)  # fmt: skip
+        bar = self._log.progress_bar(self.state.global_step) if cfg.progress and self.env.is_main else None
         try:
             with self.stop:
-                while self.epoch < cfg.epochs:
-                    epoch = self.epoch
+                while self.state.epoch < cfg.epochs:
+                    epoch = self.state.epoch
                     plan = self.plans[epoch]
-                    if self.epoch_complete:  # resumed from (or just wrote) this epoch's folder
-                        self.epoch, self.step_in_epoch, self.epoch_complete = epoch + 1, 0, False
-                        self._epoch_loss = [0.0, 0.0]
+                    if self.state.epoch_complete:  # resumed from (or just wrote) this epoch's folder
+                        self.state.next_epoch()
                         continue
                     if self._out_of_steps():
                         break
                     self._schedule_stream(epoch)
                     self._schedule_stream(epoch + 1)  # producers keep going through validation and the epoch turn
-                    if self.step_in_epoch == 0:
-                        logger.info("epoch %d: %d samples in %d batches, %d steps of %d batches", epoch,
-                                    plan.num_samples, plan.num_batches, plan.num_steps, self.logical_world)  # fmt: skip
+                    if self.state.step_in_epoch == 0:
+                        logger.info(
+                            "epoch %d: %d samples in %d batches, %d steps of %d batches",
+                            epoch,
+                            plan.num_samples,
+                            plan.num_batches,
+                            plan.num_steps,
+                            self.logical_world,
+                        )
                     interrupted = self._run_epoch(epoch, plan, bar)
                     if interrupted is not None:
                         return interrupted
                     out_of_steps = self._out_of_steps()
-                    if self.step_in_epoch >= plan.num_steps:
-                        self.epoch_complete = True
+                    if self.state.step_in_epoch >= plan.num_steps:
+                        self.state.epoch_complete = True
                         self._finish_epoch(epoch, force_save=out_of_steps)
                     elif out_of_steps:  # --max-steps ran out mid-epoch: save where we are
                         self._finish_epoch(epoch, force_save=True)
-            status = "max_steps" if self._out_of_steps() and self.epoch < cfg.epochs else "completed"
-            return FitResult(status=status, global_step=self.global_step, val_history=dict(self.val_history))
+            status = "max_steps" if self._out_of_steps() and self.state.epoch < cfg.epochs else "completed"
+            return FitResult(
+                status=status, global_step=self.state.global_step, val_history=dict(self.state.val_history)
+            )
         finally:
             if bar is not None:
                 bar.close()

@@ -11,18 +11,35 @@ window.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from trainer.data.sources import SampleSource
 from trainer.training.trackers import JsonlLog, Tracker
 
-if TYPE_CHECKING:
-    from trainer.training.loop import StepResult
-
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(kw_only=True)
+class StepResult:
+    """One optimizer step's figures, the same on every rank after the step's all-reduce."""
+
+    epoch: int
+    step: int
+    global_step: int
+    loss: float
+    metrics: dict[str, float]
+    num_loss_tokens: int
+    num_tokens: int  # real tokens over all ranks
+    lr: float
+    grad_norm: float
+    seconds: float
+    stop_requested: bool
+    data_wait_s: float = 0.0  # time the loop waited for this step's data (stall)
+    num_samples: int = 0  # samples this process trained on in the step
+    wall_s: float = 0.0  # wall time since the previous step ended
 
 
 def format_accuracies(metrics: dict[str, float]) -> str:
@@ -74,18 +91,51 @@ class RunLog:
 
     def _reset_window(self) -> None:
         w = self._window
-        w.update(wait=0.0, wall=0.0, samples=0, samples_in=w.get("next_samples_in", 0.0), bytes_in=w.get("next_bytes_in", 0.0))
+        w.update(
+            wait=0.0,
+            wall=0.0,
+            samples=0,
+            samples_in=w.get("next_samples_in", 0.0),
+            bytes_in=w.get("next_bytes_in", 0.0),
+        )
+
+    def progress_bar(self, initial: int):
+        """A progress bar over the run's steps (rank 0 only; hidden when stderr is not a terminal)."""
+        from tqdm.auto import tqdm  # only the process that draws a bar pays for importing tqdm
+
+        return tqdm(
+            total=self._total_steps,
+            initial=initial,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=None,
+            leave=False,
+        )
 
     def step(self, r: StepResult, bar, *, steps_in_epoch: int) -> None:
         tokens_per_s = r.num_tokens / r.seconds if r.seconds > 0 else 0.0
         figures = self._stream_figures(r)
-        record = {"kind": "train", "epoch": r.epoch, "step": r.step, "global_step": r.global_step, "loss": r.loss,
-                  **r.metrics, "lr": r.lr, "grad_norm": r.grad_norm, "num_tokens": r.num_tokens,
-                  "num_loss_tokens": r.num_loss_tokens, "tokens_per_s": tokens_per_s, "step_wall_s": r.wall_s,
-                  **figures}  # fmt: skip
+        record = {
+            "kind": "train",
+            "epoch": r.epoch,
+            "step": r.step,
+            "global_step": r.global_step,
+            "loss": r.loss,
+            **r.metrics,
+            "lr": r.lr,
+            "grad_norm": r.grad_norm,
+            "num_tokens": r.num_tokens,
+            "num_loss_tokens": r.num_loss_tokens,
+            "tokens_per_s": tokens_per_s,
+            "step_wall_s": r.wall_s,
+            **figures,
+        }
         self.jsonl.write(record)
         if self.tracker is not None:
-            self.tracker.log({f"train/{k}": v for k, v in record.items() if k not in ("kind", "epoch", "step")}, r.global_step)
+            self.tracker.log(
+                {f"train/{k}": v for k, v in record.items() if k not in ("kind", "epoch", "step")}, r.global_step
+            )
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{r.loss:.4f}", refresh=False)
@@ -101,9 +151,19 @@ class RunLog:
                 )
             logger.info(
                 "epoch %d step %d/%d (global %d/%d) loss %.4f | %s | lr %.3e gnorm %.3f | %.0f tok/s | stall %.1f%%%s",
-                r.epoch, r.step + 1, steps_in_epoch, r.global_step, self._total_steps, r.loss, accs,
-                r.lr, r.grad_norm, tokens_per_s, figures["stall_pct"], stream,
-            )  # fmt: skip
+                r.epoch,
+                r.step + 1,
+                steps_in_epoch,
+                r.global_step,
+                self._total_steps,
+                r.loss,
+                accs,
+                r.lr,
+                r.grad_norm,
+                tokens_per_s,
+                figures["stall_pct"],
+                stream,
+            )
             self._reset_window()
 
     def val(self, epoch: int, global_step: int, values: dict[str, float]) -> None:

@@ -69,8 +69,35 @@ def build_schedulers(optimizers: Sequence[torch.optim.Optimizer], config: LoopCo
         warmup = 0
 
     def factor(step: int) -> float:
-        return lr_factor(step, kind=config.scheduler_type, warmup=warmup, total=total_steps, cycles=config.num_cosine_cycles)
+        return lr_factor(
+            step, kind=config.scheduler_type, warmup=warmup, total=total_steps, cycles=config.num_cosine_cycles
+        )
 
     return [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in optimizers]
 
 
+def step_optimizers(
+    params: Sequence[nn.Parameter],
+    optimizers: Sequence[torch.optim.Optimizer],
+    schedulers: Sequence[torch.optim.lr_scheduler.LRScheduler],
+    *,
+    grad_scale: float,
+    max_grad_norm: float,
+) -> tuple[float, float]:
+    """Scale the accumulated gradients, clip them (``max_grad_norm`` 0: no clipping, the norm is
+    still measured), step every optimizer and schedule, zero the gradients. Returns (grad norm,
+    the lr the step used)."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(grad_scale)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor()
+    lr = optimizers[-1].param_groups[0]["lr"]
+    for o in optimizers:
+        o.step()
+    for s in schedulers:
+        s.step()
+    for o in optimizers:
+        o.zero_grad(set_to_none=True)
+    return float(grad_norm), lr

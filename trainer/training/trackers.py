@@ -66,5 +66,3 @@ class Tracker:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
-
-

@@ -29,11 +29,30 @@ def server(tmp_path):
 
 
 def spill_args(tiny_llama, prepared_llama, out, server, *extra):
-    return ["--model", str(tiny_llama), "--data", str(prepared_llama), "--spill", str(out), "--backend", "vllm",
-            "--endpoint", server.url, "--max-samples", "12", "--concurrency", "4", "--max-batch-tokens", "512", *extra]  # fmt: skip
+    return [
+        "--model",
+        str(tiny_llama),
+        "--data",
+        str(prepared_llama),
+        "--spill",
+        str(out),
+        "--backend",
+        "vllm",
+        "--endpoint",
+        server.url,
+        "--max-samples",
+        "12",
+        "--concurrency",
+        "4",
+        "--max-batch-tokens",
+        "512",
+        *extra,
+    ]
 
 
-def test_spill_through_a_vllm_server_writes_files_that_validate_and_resumes(tmp_path, server, tiny_llama, prepared_llama, capsys):
+def test_spill_through_a_vllm_server_writes_files_that_validate_and_resumes(
+    tmp_path, server, tiny_llama, prepared_llama, capsys
+):
     import datasets
 
     out = tmp_path / "hs"
@@ -60,7 +79,9 @@ def test_spill_through_a_vllm_server_writes_files_that_validate_and_resumes(tmp_
         ("layers", "vLLM captures layer_ids [1, 8], this producer announced [2, 4, 5, 8]"),
     ],
 )
-def test_answers_that_do_not_fit_the_row_or_the_capture_are_errors(tmp_path, server, tiny_llama, prepared_llama, capsys, switch, message):
+def test_answers_that_do_not_fit_the_row_or_the_capture_are_errors(
+    tmp_path, server, tiny_llama, prepared_llama, capsys, switch, message
+):
     if switch == "layers":
         server.layer_ids = [1, 8]
     else:
@@ -71,7 +92,18 @@ def test_answers_that_do_not_fit_the_row_or_the_capture_are_errors(tmp_path, ser
 
 
 def test_an_unreachable_server_is_named(tmp_path, tiny_llama, prepared_llama, capsys):
-    argv = ["--model", str(tiny_llama), "--data", str(prepared_llama), "--spill", str(tmp_path), "--backend", "vllm", "--endpoint", "http://127.0.0.1:9"]
+    argv = [
+        "--model",
+        str(tiny_llama),
+        "--data",
+        str(prepared_llama),
+        "--spill",
+        str(tmp_path),
+        "--backend",
+        "vllm",
+        "--endpoint",
+        "http://127.0.0.1:9",
+    ]
     assert produce_main(argv) == 1
     assert "is the server up (draftstream launch-vllm)?" in capsys.readouterr().err
 
@@ -89,20 +121,39 @@ def rows():
     return out
 
 
-def test_streaming_through_vllm_delivers_every_granted_sample_and_failed_ones_come_again(tmp_path, server, tiny_llama, rows):
+def test_streaming_through_vllm_delivers_every_granted_sample_and_failed_ones_come_again(
+    tmp_path, server, tiny_llama, rows
+):
     backend = VLLMBackend(VLLMBackendConfig(model=str(tiny_llama), endpoint=server.url, concurrency=4))
     info = backend.describe()
     assert (info.layer_ids, info.hidden_size, info.dtype) == (LAYER_IDS, HIDDEN, "float32")
     source = StreamSampleSource(
-        StreamConfig(endpoint=f"ipc://{tmp_path}/stream", lease_seconds=30.0, stall_timeout_seconds=60.0),
-        TargetSpec(target_model=info.target_model, layer_ids=info.layer_ids, hidden_size=info.hidden_size, dtype=info.dtype, vocab_size=info.vocab_size),
+        StreamConfig(
+            endpoint=f"ipc://{tmp_path}/stream",
+            batch_tokens=256,
+            buffer_bytes=2 << 30,
+            lease_seconds=30.0,
+            stall_timeout_seconds=60.0,
+        ),
+        TargetSpec(
+            target_model=info.target_model,
+            layer_ids=info.layer_ids,
+            hidden_size=info.hidden_size,
+            dtype=info.dtype,
+            vocab_size=info.vocab_size,
+        ),
         lengths=lambda sid: rows[sid].input_ids.shape[0],
         expected_tokens=lambda sid: rows[sid].input_ids,
     ).start()
     server.fail_once = {3, 6}
     stop = threading.Event()
     producer = StreamProducer(
-        StreamClientConfig(producer_id="vllm-producer", connect=[f"ipc://{tmp_path}/stream"], max_batch_tokens=64, handshake_timeout_seconds=20),
+        StreamClientConfig(
+            producer_id="vllm-producer",
+            connect=[f"ipc://{tmp_path}/stream"],
+            max_batch_tokens=64,
+            handshake_timeout_seconds=20,
+        ),
         backend,
         lambda sid: rows[sid],
         stop=stop,
@@ -120,7 +171,9 @@ def test_streaming_through_vllm_delivers_every_granted_sample_and_failed_ones_co
             row = rows[sample.sample_id]
             assert torch.equal(sample.token_ids, row.input_ids)
             assert torch.equal(sample.loss_mask, row.loss_mask.to(torch.bool))
-            assert torch.equal(sample.hidden_states, fake_hidden(row.input_ids.tolist(), len(LAYER_IDS), HIDDEN, torch.float32))
+            assert torch.equal(
+                sample.hidden_states, fake_hidden(row.input_ids.tolist(), len(LAYER_IDS), HIDDEN, torch.float32)
+            )
         # The failed first deliveries went back as LeaseFailed and were granted again (not left to expire).
         assert server.requests[3] == 2 and server.requests[6] == 2
         assert producer.report.failed_samples == 2

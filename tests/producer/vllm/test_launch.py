@@ -43,16 +43,27 @@ def test_connector_options_go_into_kv_connector_extra_config(capsys, tmp_path, t
     command = dry_run(
         capsys,
         str(tiny_llama),
-        "--target-layer-ids", "1", "3", "8",
-        "--spill-dir", str(tmp_path / "hs"),
-        "--max-pending-bytes", "1000000",
-        "--send-timeout", "5",
-        "--curve-secret-key", str(secret),
-        "--curve-server-key", str(server),
-        "--vllm", "/opt/vllm/bin/vllm",
-    )  # fmt: skip
+        "--target-layer-ids",
+        "1",
+        "3",
+        "8",
+        "--spill-dir",
+        str(tmp_path / "hs"),
+        "--max-pending-bytes",
+        "1000000",
+        "--send-timeout",
+        "5",
+        "--curve-secret-key",
+        str(secret),
+        "--curve-server-key",
+        str(server),
+        "--vllm",
+        "/opt/vllm/bin/vllm",
+    )
     assert command[0] == "/opt/vllm/bin/vllm"
-    assert option(command, "--speculative-config")["draft_model_config"]["hf_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 3, 8]
+    assert option(command, "--speculative-config")["draft_model_config"]["hf_config"][
+        "eagle_aux_hidden_state_layer_ids"
+    ] == [1, 3, 8]
     assert option(command, "--kv-transfer-config")["kv_connector_extra_config"] == {
         "spill_dirs": [str(tmp_path / "hs")],
         "max_pending_bytes": 1000000,
@@ -80,7 +91,9 @@ def test_bad_options_are_refused_with_the_flag_to_change(capsys, tiny_llama, arg
 def test_layer_count_of_a_multimodal_config_is_read_from_its_text_config(capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "x", "text_config": {"num_hidden_layers": 32}}))
     command = dry_run(capsys, str(tmp_path))
-    assert option(command, "--speculative-config")["draft_model_config"]["hf_config"]["eagle_aux_hidden_state_layer_ids"] == [2, 16, 29, 32]
+    assert option(command, "--speculative-config")["draft_model_config"]["hf_config"][
+        "eagle_aux_hidden_state_layer_ids"
+    ] == [2, 16, 29, 32]
 
 
 def test_draftstream_dispatches_launch_vllm(capsys, tiny_llama):

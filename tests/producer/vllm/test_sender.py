@@ -30,7 +30,14 @@ def test_loss_mask_spans_round_trip(bits):
 
 
 def route(**kw) -> SampleRoute:
-    fields = dict(sample_id=3, epoch=1, lease_id=4, destination="tcp://127.0.0.1:5601", num_tokens=10, loss_mask_spans=[[2, 5], [7, 10]])
+    fields = dict(
+        sample_id=3,
+        epoch=1,
+        lease_id=4,
+        destination="tcp://127.0.0.1:5601",
+        num_tokens=10,
+        loss_mask_spans=[[2, 5], [7, 10]],
+    )
     fields.update(kw)
     return SampleRoute(**fields)
 
@@ -122,7 +129,13 @@ def receive(sock, timeout_ms=10_000):
 def test_sender_pushes_a_sample_the_trainer_decodes_and_reports_done(zmq_ctx, tmp_path):
     data, reports = pull(zmq_ctx, f"ipc://{tmp_path}/data.sock"), pull(zmq_ctx, f"ipc://{tmp_path}/report.sock")
     sender = HSSender(SenderConfig(chunk_bytes=4096))
-    r = route(destination=f"ipc://{tmp_path}/data.sock", num_tokens=300, loss_mask_spans=[[1, 299]], report=f"ipc://{tmp_path}/report.sock", ticket=12)
+    r = route(
+        destination=f"ipc://{tmp_path}/data.sock",
+        num_tokens=300,
+        loss_mask_spans=[[1, 299]],
+        report=f"ipc://{tmp_path}/report.sock",
+        ticket=12,
+    )
     sent = job(r)
     sender.submit(sent)
     sample = receive(data)
@@ -132,7 +145,12 @@ def test_sender_pushes_a_sample_the_trainer_decodes_and_reports_done(zmq_ctx, tm
     assert torch.equal(sample.loss_mask, r.loss_mask())
     assert torch.equal(sample.hidden_states, sent.copy.hidden_TLH)
     report = receive(reports)
-    assert isinstance(report, Delivered) and (report.ticket, report.sample_id, report.ok, report.reason) == (12, 3, True, "")
+    assert isinstance(report, Delivered) and (report.ticket, report.sample_id, report.ok, report.reason) == (
+        12,
+        3,
+        True,
+        "",
+    )
     sender.close()
     sender.close()  # idempotent
     assert (sender.stats.sent, sender.stats.failed) == (1, 0)
@@ -141,10 +159,24 @@ def test_sender_pushes_a_sample_the_trainer_decodes_and_reports_done(zmq_ctx, tm
 def test_spill_writes_hs_files_only_under_the_allowed_directories(zmq_ctx, tmp_path):
     reports = pull(zmq_ctx, f"ipc://{tmp_path}/report.sock")
     sender = HSSender(SenderConfig(spill_dirs=[str(tmp_path / "allowed")], fsync=False))
-    good = job(route(destination=f"file://{tmp_path}/allowed/run", sample_id=21, report=f"ipc://{tmp_path}/report.sock", ticket=1))
+    good = job(
+        route(
+            destination=f"file://{tmp_path}/allowed/run", sample_id=21, report=f"ipc://{tmp_path}/report.sock", ticket=1
+        )
+    )
     sender.submit(good)
-    sender.submit(job(route(destination=f"file://{tmp_path}/allowed/../elsewhere", report=f"ipc://{tmp_path}/report.sock", ticket=2)))
-    nan = job(route(destination=f"file://{tmp_path}/allowed/run", sample_id=22, report=f"ipc://{tmp_path}/report.sock", ticket=3))
+    sender.submit(
+        job(
+            route(
+                destination=f"file://{tmp_path}/allowed/../elsewhere", report=f"ipc://{tmp_path}/report.sock", ticket=2
+            )
+        )
+    )
+    nan = job(
+        route(
+            destination=f"file://{tmp_path}/allowed/run", sample_id=22, report=f"ipc://{tmp_path}/report.sock", ticket=3
+        )
+    )
     nan.copy.hidden_TLH[1, 0, 0] = float("nan")
     sender.submit(nan)
     outcomes = {}
@@ -153,7 +185,12 @@ def test_spill_writes_hs_files_only_under_the_allowed_directories(zmq_ctx, tmp_p
         outcomes[report.ticket] = report
     assert isinstance(outcomes[1], Delivered) and outcomes[1].ok and outcomes[1].sample_id == 21
     assert isinstance(outcomes[2], Delivered) and not outcomes[2].ok and "spill_dirs" in outcomes[2].reason
-    assert isinstance(outcomes[3], Delivered) and not outcomes[3].ok and outcomes[3].sample_id == 22 and "NaN or Inf" in outcomes[3].reason
+    assert (
+        isinstance(outcomes[3], Delivered)
+        and not outcomes[3].ok
+        and outcomes[3].sample_id == 22
+        and "NaN or Inf" in outcomes[3].reason
+    )
     token_ids, hidden_TLH = read_hs_file(hs_path(tmp_path / "allowed" / "run", 21), expected_token_ids=good.token_ids)
     assert torch.equal(hidden_TLH, good.copy.hidden_TLH)
     assert not (tmp_path / "elsewhere").exists() and not hs_path(tmp_path / "allowed" / "run", 22).exists()
@@ -165,7 +202,16 @@ def test_a_trainer_that_takes_no_data_is_reported_failed_not_waited_for(zmq_ctx,
     config = SenderConfig(send_timeout_seconds=0.2, data_socket=SocketConfig(sndhwm=1, rcvhwm=1))
     sender = HSSender(config)
     for i in range(3):  # nobody listens: one message fits the pipe, the next ones time out
-        sender.submit(job(route(destination=f"ipc://{tmp_path}/nobody.sock", sample_id=i, report=f"ipc://{tmp_path}/report.sock", ticket=i)))
+        sender.submit(
+            job(
+                route(
+                    destination=f"ipc://{tmp_path}/nobody.sock",
+                    sample_id=i,
+                    report=f"ipc://{tmp_path}/report.sock",
+                    ticket=i,
+                )
+            )
+        )
     failed = [r for r in (receive(reports) for _ in range(3)) if isinstance(r, Delivered) and not r.ok]
     assert failed and all("took no data" in r.reason for r in failed)
     sender.close(timeout=5)
@@ -186,7 +232,9 @@ class GatedEvent:
 
 
 def test_queue_is_bounded_by_samples_and_bytes_but_never_blocks_the_caller(tmp_path):
-    sender = HSSender(SenderConfig(max_pending_samples=2, max_pending_bytes=10_000, spill_dirs=[str(tmp_path)], fsync=False))
+    sender = HSSender(
+        SenderConfig(max_pending_samples=2, max_pending_bytes=10_000, spill_dirs=[str(tmp_path)], fsync=False)
+    )
     gate = GatedEvent()
     first = job(route(destination=f"file://{tmp_path}", sample_id=1, num_tokens=10, loss_mask_spans=[]))
     first = SendJob(route=first.route, token_ids=first.token_ids, copy=HostCopy(first.copy.hidden_TLH, gate))

@@ -27,8 +27,9 @@ class RecordingSource(SampleSource):
 
 def _plan(world_size, **kw):
     ids = list(range(len(LENGTHS)))
-    return BatchPlan.build(sample_ids=ids, lengths=LENGTHS, seed=5, epoch=1, world_size=world_size,
-                           total_seq_len=64, **kw)  # fmt: skip
+    return BatchPlan.build(
+        sample_ids=ids, lengths=LENGTHS, seed=5, epoch=1, world_size=world_size, total_seq_len=64, **kw
+    )
 
 
 def test_the_prefetcher_fetches_the_scheduled_order_from_any_cursor():
@@ -36,7 +37,9 @@ def test_the_prefetcher_fetches_the_scheduled_order_from_any_cursor():
     for logical_ranks in ([0, 1], [2, 3]):
         for start in range(plan.num_steps + 1):
             source = RecordingSource()
-            prefetch = Prefetcher(plan=plan, source=source, logical_ranks=logical_ranks, start_step=start, depth=2, pin=False)
+            prefetch = Prefetcher(
+                plan=plan, source=source, logical_ranks=logical_ranks, start_step=start, depth=2, pin=False
+            )
             try:
                 steps = [step for step, _ in prefetch]
             finally:
@@ -55,9 +58,21 @@ def test_step_by_step_fetches_match_the_order_up_to_an_end_step():
 
 
 def test_the_order_is_training_slots_rank_by_rank_then_validation():
-    plan, val = _plan(2), BatchPlan.build(sample_ids=[20, 21, 22], lengths=[30, 30, 30], seed=0, epoch=0, world_size=2,
-                                          total_seq_len=64, shuffle=False)  # fmt: skip
+    plan, val = (
+        _plan(2),
+        BatchPlan.build(
+            sample_ids=[20, 21, 22],
+            lengths=[30, 30, 30],
+            seed=0,
+            epoch=0,
+            world_size=2,
+            total_seq_len=64,
+            shuffle=False,
+        ),
+    )
     expected = [sid for step in range(plan.num_steps) for r in (0, 1) for sid in plan.batches_for(r, step)]
     expected += [sid for step in range(val.num_steps) for sid in val.batches_for(1, step)]
     assert order.fetch_order(plan, [0, 1], val_plan=val, val_rank=1) == expected
-    assert [slots for _, slots in order.val_steps(val, 1)] == [[(1, val.batches_for(1, s))] for s in range(val.num_steps)]
+    assert [slots for _, slots in order.val_steps(val, 1)] == [
+        [(1, val.batches_for(1, s))] for s in range(val.num_steps)
+    ]

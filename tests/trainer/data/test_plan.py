@@ -15,8 +15,15 @@ from trainer.data.plan import BatchPlan, derive_seed
 
 def _plan(lengths, *, seed=0, epoch=0, world_size=2, total_seq_len=100, shuffle=True, ids=None):
     ids = list(range(len(lengths))) if ids is None else ids
-    return BatchPlan.build(sample_ids=ids, lengths=lengths, seed=seed, epoch=epoch, world_size=world_size,
-                           total_seq_len=total_seq_len, shuffle=shuffle)  # fmt: skip
+    return BatchPlan.build(
+        sample_ids=ids,
+        lengths=lengths,
+        seed=seed,
+        epoch=epoch,
+        world_size=world_size,
+        total_seq_len=total_seq_len,
+        shuffle=shuffle,
+    )
 
 
 LENGTHS = [17, 80, 33, 5, 120, 64, 64, 1, 99, 50, 12, 40, 71, 8, 100, 30]
@@ -132,16 +139,32 @@ def test_plan_invariants_hold_for_any_input(lengths, world_size, total_seq_len, 
 
 def test_reuse_trains_every_sample_k_times_within_its_window_and_never_twice_in_a_batch():
     ids = list(range(40))
-    plan = BatchPlan.build(sample_ids=ids, lengths=[10 + i % 7 for i in ids], seed=3, epoch=1, world_size=2,
-                           total_seq_len=64, reuse=3, reuse_window=8)  # fmt: skip
+    plan = BatchPlan.build(
+        sample_ids=ids,
+        lengths=[10 + i % 7 for i in ids],
+        seed=3,
+        epoch=1,
+        world_size=2,
+        total_seq_len=64,
+        reuse=3,
+        reuse_window=8,
+    )
     assert plan.use_counts() == {i: 3 for i in ids}
     assert all(len(set(batch)) == len(batch) for batch in plan.batches)
     order = plan.all_sample_ids()
     for sid in ids:
         positions = [i for i, s in enumerate(order) if s == sid]
         assert positions[-1] - positions[0] < 3 * 8  # all uses inside the window's K copies
-    again = BatchPlan.build(sample_ids=ids, lengths=[10 + i % 7 for i in ids], seed=3, epoch=1, world_size=2,
-                            total_seq_len=64, reuse=3, reuse_window=8)  # fmt: skip
+    again = BatchPlan.build(
+        sample_ids=ids,
+        lengths=[10 + i % 7 for i in ids],
+        seed=3,
+        epoch=1,
+        world_size=2,
+        total_seq_len=64,
+        reuse=3,
+        reuse_window=8,
+    )
     assert again.fingerprint == plan.fingerprint
     # Each use of a sample has its own index, counted in global batch order (what noise is seeded by).
     seen = {}

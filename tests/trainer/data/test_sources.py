@@ -201,12 +201,19 @@ def test_pack_copies_framed_samples_like_plain_ones_including_truncation():
 
     g = torch.Generator().manual_seed(0)
     plain = [
-        TrainSample(sample_id=i, token_ids=torch.arange(n), loss_mask=torch.ones(n, dtype=torch.bool), hidden_states=torch.randn(n, 3, 8, generator=g))
+        TrainSample(
+            sample_id=i,
+            token_ids=torch.arange(n),
+            loss_mask=torch.ones(n, dtype=torch.bool),
+            hidden_states=torch.randn(n, 3, 8, generator=g),
+        )
         for i, n in enumerate([10, 7, 30])
     ]
     framed = [
         TrainSample(
-            sample_id=s.sample_id, token_ids=s.token_ids, loss_mask=s.loss_mask,
+            sample_id=s.sample_id,
+            token_ids=s.token_ids,
+            loss_mask=s.loss_mask,
             hidden_states=FramedTensor(list(s.hidden_states.reshape(-1).split(13)), s.hidden_states.shape),
         )
         for s in plain

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from trainer.data.batch import TrainSample, pack
-from trainer.models.config import DraftConfig
-from trainer.models.export import build_draft, load_draft, save_draft
 from trainer.eval.evaluate import conversation_prompts, csv_columns, main
 from trainer.eval.speculate import HFTarget, generate, stats_of
+from trainer.models.config import DraftConfig
+from trainer.models.export import build_draft, load_draft, save_draft
 
 K = 3  # speculative tokens (the drafts' ttt_steps / num_depths)
 NUM_NEW = 32  # --max-new-tokens
@@ -82,11 +82,18 @@ def captured(sharp_target, hf_target, prompts, greedy):
 
     capture = HFCapture(CaptureConfig(model=str(sharp_target), device="cpu", layer_ids=LAYER_IDS), model=hf_target)
     rows = [
-        CaptureRow(i, torch.tensor(p + g), torch.tensor([0] * len(p) + [1] * NUM_NEW + [0] * (K + 1), dtype=torch.uint8))
+        CaptureRow(
+            i, torch.tensor(p + g), torch.tensor([0] * len(p) + [1] * NUM_NEW + [0] * (K + 1), dtype=torch.uint8)
+        )
         for i, (p, g) in enumerate(zip(prompts, greedy))
     ]
     samples = [
-        TrainSample(sample_id=s.sample_id, token_ids=s.token_ids, loss_mask=s.loss_mask.bool(), hidden_states=s.hidden_states.clone())
+        TrainSample(
+            sample_id=s.sample_id,
+            token_ids=s.token_ids,
+            loss_mask=s.loss_mask.bool(),
+            hidden_states=s.hidden_states.clone(),
+        )
         for s in capture.capture(rows)
     ]
     capture.close()
@@ -94,7 +101,9 @@ def captured(sharp_target, hf_target, prompts, greedy):
 
 
 def _config(target, speculator_type, **kw) -> DraftConfig:
-    return DraftConfig(speculator_type=speculator_type, verifier_name_or_path=str(target), aux_layer_ids=LAYER_IDS[:3], **kw)
+    return DraftConfig(
+        speculator_type=speculator_type, verifier_name_or_path=str(target), aux_layer_ids=LAYER_IDS[:3], **kw
+    )
 
 
 def _train(model, samples, steps, lr):
@@ -123,7 +132,9 @@ def checkpoints(tmp_path_factory, sharp_target, captured, greedy):
     pruned = build_draft(_config(sharp_target, "eagle3", ttt_steps=K, draft_vocab_size=512), token_freq)
     drafts["eagle3-trained"] = _train(pruned, captured, steps=120, lr=1e-2)
     torch.manual_seed(0)
-    drafts["peagle-trained"] = _train(build_draft(_config(sharp_target, "peagle", num_depths=K), None), captured, steps=160, lr=3e-3)
+    drafts["peagle-trained"] = _train(
+        build_draft(_config(sharp_target, "peagle", num_depths=K), None), captured, steps=160, lr=3e-3
+    )
     for name, model in drafts.items():
         save_draft(model, root / name)
     return {name: root / name for name in drafts}
@@ -150,7 +161,9 @@ def _expected_rounds(continuation, accepted_at, eos):
 
 
 @pytest.mark.parametrize("name", ["eagle3-trained", "peagle-trained", "eagle3-untrained"])
-def test_round_counts_match_the_targets_greedy_continuation(checkpoints, sharp_target, hf_target, prompts, greedy, eos_ids, name):
+def test_round_counts_match_the_targets_greedy_continuation(
+    checkpoints, sharp_target, hf_target, prompts, greedy, eos_ids, name
+):
     draft = load_draft(checkpoints[name]).eval()
     target = HFTarget(hf_target, draft.config.aux_layer_ids)
     generations = []
@@ -158,12 +171,18 @@ def test_round_counts_match_the_targets_greedy_continuation(checkpoints, sharp_t
         for prompt, continuation in zip(prompts, greedy):
             recorded = []
             gen = generate(
-                target, draft, prompt, max_new_tokens=NUM_NEW, num_speculative_tokens=K, eos_ids=eos_ids, on_round=recorded.append
+                target,
+                draft,
+                prompt,
+                max_new_tokens=NUM_NEW,
+                num_speculative_tokens=K,
+                eos_ids=eos_ids,
+                on_round=recorded.append,
             )
             generations.append(gen)
             by_start = {r.start: r for r in recorded}
 
-            def accepted_at(start):
+            def accepted_at(start, by_start=by_start, continuation=continuation):
                 proposal = by_start[start].proposal  # a start the loop skipped fails here
                 n = 0
                 while n < K and proposal[n] == continuation[start + n]:
@@ -199,7 +218,7 @@ def test_eagle3_proposals_agree_with_the_training_forward(checkpoints, hf_target
     try:
         for prompt, continuation, sample in zip(prompts, greedy, captured):
 
-            def accepted_at(start):
+            def accepted_at(start, prompt=prompt, sample=sample):
                 n = len(prompt) + start
                 accepted = 0
                 for s in range(K):
@@ -225,7 +244,16 @@ def test_eagle3_proposals_agree_with_the_training_forward(checkpoints, hf_target
 
 @pytest.mark.parametrize("kind", ["eagle3", "peagle"])
 def test_untrained_draft_scores_near_one_and_trained_draft_far_above(checkpoints, conversations_jsonl, capsys, kind):
-    common = ["--data", conversations_jsonl, "--num-prompts", NUM_PROMPTS, "--max-new-tokens", NUM_NEW, "--device", "cpu"]
+    common = [
+        "--data",
+        conversations_jsonl,
+        "--num-prompts",
+        NUM_PROMPTS,
+        "--max-new-tokens",
+        NUM_NEW,
+        "--device",
+        "cpu",
+    ]
     untrained = _eval(capsys, "--checkpoint", checkpoints[f"{kind}-untrained"], *common)["rows"][-1]
     trained = _eval(capsys, "--checkpoint", checkpoints[f"{kind}-trained"], *common)["rows"][-1]
     assert untrained["subset"] == trained["subset"] == "all"
@@ -238,22 +266,48 @@ def test_untrained_draft_scores_near_one_and_trained_draft_far_above(checkpoints
 # --- output ------------------------------------------------------------------------------------
 
 
-def test_csv_has_the_vllm_metric_columns_per_source_and_all(checkpoints, sharp_target, conversations_jsonl, tmp_path, capsys):
+def test_csv_has_the_vllm_metric_columns_per_source_and_all(
+    checkpoints, sharp_target, conversations_jsonl, tmp_path, capsys
+):
     from producer.prepare import PrepareConfig, prepare_dataset
 
     prepared = tmp_path / "prepared"
-    prepare_dataset(PrepareConfig(model=str(sharp_target), data=[str(conversations_jsonl)], output=str(prepared), max_samples=8))
+    prepare_dataset(
+        PrepareConfig(model=str(sharp_target), data=[str(conversations_jsonl)], output=str(prepared), max_samples=8)
+    )
     out = tmp_path / "acceptance.csv"
     result = _eval(
-        capsys, "--checkpoint", checkpoints["eagle3-trained"], "--data", conversations_jsonl, "--data", prepared,
-        "--num-prompts", 3, "--max-new-tokens", 12, "--num-speculative-tokens", 2, "--output", out,
-    )  # fmt: skip
+        capsys,
+        "--checkpoint",
+        checkpoints["eagle3-trained"],
+        "--data",
+        conversations_jsonl,
+        "--data",
+        prepared,
+        "--num-prompts",
+        3,
+        "--max-new-tokens",
+        12,
+        "--num-speculative-tokens",
+        2,
+        "--output",
+        out,
+    )
     with out.open(newline="") as f:
         reader = csv.DictReader(f)
-        assert reader.fieldnames == csv_columns(2) == [
-            "subset", "num_drafts", "num_draft_tokens", "num_accepted_tokens", "acceptance_length",
-            "acceptance_at_pos_0", "acceptance_at_pos_1",
-        ]  # fmt: skip
+        assert (
+            reader.fieldnames
+            == csv_columns(2)
+            == [
+                "subset",
+                "num_drafts",
+                "num_draft_tokens",
+                "num_accepted_tokens",
+                "acceptance_length",
+                "acceptance_at_pos_0",
+                "acceptance_at_pos_1",
+            ]
+        )
         rows = list(reader)
     assert [r["subset"] for r in rows] == ["conversations", "prepared", "all"]
     for row in rows:
@@ -268,20 +322,24 @@ def test_csv_has_the_vllm_metric_columns_per_source_and_all(checkpoints, sharp_t
 
 
 def test_prepared_prompts_end_where_the_first_answer_starts(sharp_target, conversations_jsonl, tmp_path):
-    from producer.prepare import PrepareConfig, prepare_dataset
     from transformers import AutoTokenizer
 
+    from producer.prepare import PrepareConfig, prepare_dataset
     from trainer.eval.evaluate import prepared_prompts
 
     prepared = tmp_path / "prepared"
-    prepare_dataset(PrepareConfig(model=str(sharp_target), data=[str(conversations_jsonl)], output=str(prepared), max_samples=4))
+    prepare_dataset(
+        PrepareConfig(model=str(sharp_target), data=[str(conversations_jsonl)], output=str(prepared), max_samples=4)
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(sharp_target))
     header = tokenizer.encode("<|start_header_id|>assistant<|end_header_id|>", add_special_tokens=False)
     found, skipped = prepared_prompts(prepared, val_only=False, val_ratio=0.1, seed=42)
     assert len(found) == 4 and skipped == 0
     for prompt in found:
         text = tokenizer.decode(prompt)
-        assert text.startswith("<|begin_of_text|>") and text.rstrip("\n").endswith("<|start_header_id|>assistant<|end_header_id|>")
+        assert text.startswith("<|begin_of_text|>") and text.rstrip("\n").endswith(
+            "<|start_header_id|>assistant<|end_header_id|>"
+        )
         assert header[0] in prompt
 
 
@@ -298,8 +356,13 @@ def test_jsonl_rows_give_chat_prompts_or_tokenized_prefixes(sharp_target, tmp_pa
 
     tokenizer = AutoTokenizer.from_pretrained(str(sharp_target))
     rows = [
-        {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi?"},
-                           {"from": "gpt", "value": "Hello."}]},  # fmt: skip
+        {
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "Hi?"},
+                {"from": "gpt", "value": "Hello."},
+            ]
+        },
         {"input_ids": [5, 6, 7, 8], "loss_mask": [0, 0, 1, 1]},
         {"input_ids": [5, 6], "loss_mask": [0, 0]},  # nothing supervised: no prompt
         {"messages": [{"role": "assistant", "content": "An answer without a question."}]},  # no prompt either
@@ -308,7 +371,9 @@ def test_jsonl_rows_give_chat_prompts_or_tokenized_prefixes(sharp_target, tmp_pa
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     found, skipped = conversation_prompts(path, tokenizer)
     expected = tokenizer.apply_chat_template(
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}], tokenize=True, add_generation_prompt=True
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
+        tokenize=True,
+        add_generation_prompt=True,
     )
     expected = expected["input_ids"] if hasattr(expected, "keys") else expected
     assert found == [list(expected), [5, 6]] and skipped == 2

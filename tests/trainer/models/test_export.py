@@ -97,7 +97,14 @@ def test_eagle3_config_json_has_every_spec_key_with_its_value(tiny_llama, tmp_pa
     assert layer["model_type"] == "llama"
     assert layer["vocab_size"] == verifier["vocab_size"]
     assert layer["num_hidden_layers"] == 2
-    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "max_position_embeddings"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "max_position_embeddings",
+    ):
         assert layer[key] == verifier[key], key
     assert layer["head_dim"] == verifier["hidden_size"] // verifier["num_attention_heads"]
     assert layer["rope_parameters"]["rope_theta"] == verifier["rope_parameters"]["rope_theta"]
@@ -174,7 +181,15 @@ def test_weights_carry_spec_names_shapes_and_dtypes(request, tmp_path, fixture, 
     draft_vocab = draft_vocab_size or vocab
     head_dim = v.get("head_dim") or v["hidden_size"] // v["num_attention_heads"]
     expected = _expected_weights(
-        v["hidden_size"], v["intermediate_size"], v["num_attention_heads"], v["num_key_value_heads"], head_dim, 2, vocab, draft_vocab, fixture == "tiny_qwen3"
+        v["hidden_size"],
+        v["intermediate_size"],
+        v["num_attention_heads"],
+        v["num_key_value_heads"],
+        head_dim,
+        2,
+        vocab,
+        draft_vocab,
+        fixture == "tiny_qwen3",
     )
     if draft_vocab < vocab:
         expected |= {"d2t": (draft_vocab,), "t2d": (vocab,)}
@@ -301,13 +316,36 @@ def test_checkpoint_names_map_onto_vllm_eagle3_parameters(tiny_llama, tmp_path):
     save_draft(model, tmp_path)
     config, tensors = _read_checkpoint(tmp_path)
 
-    vllm_params = {"lm_head.weight", "draft_id_to_target_id", "model.embed_tokens.weight", "model.fc.weight", "model.norm.weight"}
+    vllm_params = {
+        "lm_head.weight",
+        "draft_id_to_target_id",
+        "model.embed_tokens.weight",
+        "model.fc.weight",
+        "model.norm.weight",
+    }
     if config["norm_before_fc"]:
         vllm_params.add("model.input_norm.weight")
     for i in range(config["transformer_layer_config"]["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        vllm_params |= {p + s for s in ("self_attn.qkv_proj.weight", "self_attn.o_proj.weight", "mlp.gate_up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight", "hidden_norm.weight")}
-    stacked = {".q_proj": ".qkv_proj", ".k_proj": ".qkv_proj", ".v_proj": ".qkv_proj", ".gate_proj": ".gate_up_proj", ".up_proj": ".gate_up_proj"}
+        vllm_params |= {
+            p + s
+            for s in (
+                "self_attn.qkv_proj.weight",
+                "self_attn.o_proj.weight",
+                "mlp.gate_up_proj.weight",
+                "mlp.down_proj.weight",
+                "input_layernorm.weight",
+                "post_attention_layernorm.weight",
+                "hidden_norm.weight",
+            )
+        }
+    stacked = {
+        ".q_proj": ".qkv_proj",
+        ".k_proj": ".qkv_proj",
+        ".v_proj": ".qkv_proj",
+        ".gate_proj": ".gate_up_proj",
+        ".up_proj": ".gate_up_proj",
+    }
     mapped = set()
     for name in tensors:
         if name in ("t2d", "mask_hidden"):
@@ -335,8 +373,12 @@ def test_a_hub_verifier_fetches_only_config_index_and_the_shards_it_needs(tmp_pa
 
     snapshot = tmp_path / "snapshot"
     snapshot.mkdir()
-    weight_map = {"model.embed_tokens.weight": "model-00001.safetensors", "model.layers.0.mlp.up_proj.weight": "model-00002.safetensors",
-                  "model.norm.weight": "model-00003.safetensors", "lm_head.weight": "model-00003.safetensors"}  # fmt: skip
+    weight_map = {
+        "model.embed_tokens.weight": "model-00001.safetensors",
+        "model.layers.0.mlp.up_proj.weight": "model-00002.safetensors",
+        "model.norm.weight": "model-00003.safetensors",
+        "lm_head.weight": "model-00003.safetensors",
+    }
     remote = {"config.json": "{}", "model.safetensors.index.json": _json.dumps({"weight_map": weight_map})}
     fetched = []
 
@@ -347,7 +389,12 @@ def test_a_hub_verifier_fetches_only_config_index_and_the_shards_it_needs(tmp_pa
         return str(snapshot / filename)
 
     assert resolve_verifier_dir("org/verifier", download=download) == snapshot
-    assert fetched == ["config.json", "model.safetensors.index.json", "model-00001.safetensors", "model-00003.safetensors"]
+    assert fetched == [
+        "config.json",
+        "model.safetensors.index.json",
+        "model-00001.safetensors",
+        "model-00003.safetensors",
+    ]
 
     def offline(repo, filename):
         raise OSError("no network")

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from tests.trainer.tiny_capture import capture_samples
-from trainer.models.attention import AttentionMask, attend, cod_mask_mod, ttt_mask_mod
 from trainer.data.batch import PackedBatch, TrainSample, pack
+from trainer.models.attention import AttentionMask, attend, cod_mask_mod, ttt_mask_mod
 from trainer.models.base import flatten_rows, shift_left
 from trainer.models.config import DraftConfig
 from trainer.models.export import build_draft
@@ -32,7 +32,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def sharp_llama(tmp_path_factory):
     from producer.tiny_target import TinyTargetConfig, build_tiny_target
 
-    return build_tiny_target(tmp_path_factory.mktemp("sharp-llama"), TinyTargetConfig(arch="llama", num_layers=4, initializer_range=1.0))
+    return build_tiny_target(
+        tmp_path_factory.mktemp("sharp-llama"), TinyTargetConfig(arch="llama", num_layers=4, initializer_range=1.0)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,9 @@ def test_eagle3_step_s_is_trained_towards_the_verifier_at_p_plus_1_plus_s(tiny_l
     assert int(out.num_loss_tokens) == expected_tokens
 
 
-def test_peagle_element_at_anchor_a_depth_d_is_trained_towards_the_verifier_at_a_plus_d_plus_1(tiny_llama, llama_samples):
+def test_peagle_element_at_anchor_a_depth_d_is_trained_towards_the_verifier_at_a_plus_d_plus_1(
+    tiny_llama, llama_samples
+):
     config = _config(tiny_llama, "peagle", num_depths=4)
     model = _uniform_draft(build_draft(config, None))
     batch = pack(llama_samples, 512)
@@ -116,7 +120,11 @@ def test_packed_documents_do_not_see_each_other(tiny_llama, llama_samples, specu
 
     rows = [pack(llama_samples[:2], 512, pad_to=120), pack(llama_samples[2:], 512, pad_to=120)]
     two_rows = PackedBatch(
-        **{f.name: torch.cat([getattr(r, f.name) for r in rows]) for f in dataclasses.fields(PackedBatch) if f.name != "sample_ids"},
+        **{
+            f.name: torch.cat([getattr(r, f.name) for r in rows])
+            for f in dataclasses.fields(PackedBatch)
+            if f.name != "sample_ids"
+        },
         sample_ids=[i for r in rows for i in r.sample_ids],
     )
     torch.testing.assert_close(model(two_rows).metrics[key], expected, rtol=1e-4, atol=1e-5)
@@ -129,8 +137,15 @@ def test_eagle3_outputs_do_not_depend_on_later_tokens(tiny_llama, llama_samples)
     model = build_draft(_config(tiny_llama, "eagle3", ttt_steps=1), None)
     sample = llama_samples[1]
     cut = sample.token_ids.shape[0] - 6
-    head = TrainSample(sample_id=0, token_ids=sample.token_ids[:cut], loss_mask=sample.loss_mask[:cut], hidden_states=sample.hidden_states[:cut])
-    changed = dataclasses.replace(sample, token_ids=sample.token_ids.clone(), hidden_states=sample.hidden_states.clone())
+    head = TrainSample(
+        sample_id=0,
+        token_ids=sample.token_ids[:cut],
+        loss_mask=sample.loss_mask[:cut],
+        hidden_states=sample.hidden_states[:cut],
+    )
+    changed = dataclasses.replace(
+        sample, token_ids=sample.token_ids.clone(), hidden_states=sample.hidden_states.clone()
+    )
     changed.token_ids[cut:] = 7
     changed.hidden_states[cut:] += 1.0
     changed.loss_mask = sample.loss_mask.clone()
@@ -177,7 +192,9 @@ def _cod_setup(n=300, docs=(0, 120, 200), max_anchors=512):
         doc[a:b] = i
     loss_mask = torch.rand(n, generator=torch.Generator().manual_seed(1)) < 0.8
     label = (doc >= 0) & (shift_left(doc, 1, -1) == doc) & shift_left(loss_mask, 1, False)
-    config = DraftConfig(speculator_type="peagle", verifier_name_or_path="unused", aux_layer_ids=AUX, max_anchors=max_anchors)
+    config = DraftConfig(
+        speculator_type="peagle", verifier_name_or_path="unused", aux_layer_ids=AUX, max_anchors=max_anchors
+    )
     return label, doc, config
 
 
@@ -237,7 +254,11 @@ def _padded_batches(samples):
         sample_ids=[],
     )
     with_empty_row = PackedBatch(
-        **{f.name: torch.cat([getattr(short, f.name), getattr(empty_row, f.name)]) for f in dataclasses.fields(PackedBatch) if f.name != "sample_ids"},
+        **{
+            f.name: torch.cat([getattr(short, f.name), getattr(empty_row, f.name)])
+            for f in dataclasses.fields(PackedBatch)
+            if f.name != "sample_ids"
+        },
         sample_ids=short.sample_ids,
     )
     unsupervised = dataclasses.replace(short, loss_mask=torch.zeros_like(short.loss_mask))
@@ -345,14 +366,18 @@ def test_flex_block_masks_select_the_same_keys_as_dense_masks():
     n = doc.shape[0]
     label = torch.rand(n) < 0.7
     config = DraftConfig(speculator_type="peagle", verifier_name_or_path="unused", aux_layer_ids=AUX, num_depths=4)
-    anchor, depth = cod_sample(label & (doc >= 0) & (shift_left(doc, 1, -1) == doc), doc, config, torch.Generator().manual_seed(0))
+    anchor, depth = cod_sample(
+        label & (doc >= 0) & (shift_left(doc, 1, -1) == doc), doc, config, torch.Generator().manual_seed(0)
+    )
     cases = [(ttt_mask_mod(doc), n, 3 * n), (cod_mask_mod(anchor, depth, doc), anchor.shape[0], anchor.shape[0])]
     for mask_mod, q_len, kv_len in cases:
         q = torch.randn(1, 4, q_len, 16)
         k, v = torch.randn(1, 2, kv_len, 16), torch.randn(1, 2, kv_len, 16)
         block_mask = create_block_mask(mask_mod, None, None, q_len, kv_len, device="cpu")
         flex = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
-        dense = attend(q, k, v, AttentionMask.build(mask_mod, q_len, kv_len, device=torch.device("cpu"), backend="sdpa"))
+        dense = attend(
+            q, k, v, AttentionMask.build(mask_mod, q_len, kv_len, device=torch.device("cpu"), backend="sdpa")
+        )
         torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
 
 
@@ -368,7 +393,9 @@ def test_flex_attention_matches_sdpa(tiny_llama, llama_samples, speculator_type)
     losses, grads = {}, {}
     for backend in ("sdpa", "flex"):
         torch.manual_seed(0)
-        model = build_draft(_config(tiny_llama, speculator_type, num_depths=4, attention_backend=backend), None).to(device)
+        model = build_draft(_config(tiny_llama, speculator_type, num_depths=4, attention_backend=backend), None).to(
+            device
+        )
         out = model(batch, generator=torch.Generator().manual_seed(0))
         out.loss.backward()
         losses[backend] = out.loss.detach()
@@ -383,5 +410,8 @@ def test_flex_attention_matches_sdpa(tiny_llama, llama_samples, speculator_type)
     n = doc.shape[0]
     q = torch.randn(1, 4, n, 16, device=device)
     k, v = torch.randn(1, 2, 3 * n, 16, device=device), torch.randn(1, 2, 3 * n, 16, device=device)
-    outs = [attend(q, k, v, AttentionMask.build(ttt_mask_mod(doc), n, 3 * n, device=device, backend=b)) for b in ("sdpa", "flex")]
+    outs = [
+        attend(q, k, v, AttentionMask.build(ttt_mask_mod(doc), n, 3 * n, device=device, backend=b))
+        for b in ("sdpa", "flex")
+    ]
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-3, atol=2e-3)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from trainer.models.config import DraftConfig
-
 from trainer.models.export import build_draft
 from trainer.models.vocab import build_vocab_mapping, draft_to_target, select_draft_ids
 
@@ -45,7 +44,9 @@ def test_mapping_rejects_ids_outside_the_verifier_vocab():
 def test_pruned_draft_heads_are_the_verifier_rows_picked_by_t2d(tiny_llama):
     vocab = json.loads((tiny_llama / "config.json").read_text())["vocab_size"]
     freq = {i: (i * 37) % 101 for i in range(vocab)}
-    config = DraftConfig(speculator_type="eagle3", verifier_name_or_path=str(tiny_llama), aux_layer_ids=[1, 2, 3], draft_vocab_size=64)
+    config = DraftConfig(
+        speculator_type="eagle3", verifier_name_or_path=str(tiny_llama), aux_layer_ids=[1, 2, 3], draft_vocab_size=64
+    )
     model = build_draft(config, freq)
     d2t, t2d = build_vocab_mapping(freq, 64, vocab)
     assert torch.equal(model.d2t, d2t) and torch.equal(model.t2d, t2d)
@@ -67,6 +68,8 @@ def test_full_vocab_draft_has_no_mapping(tiny_llama):
 
 
 def test_pruned_vocab_without_token_freq_is_a_clear_error(tiny_llama):
-    config = DraftConfig(speculator_type="eagle3", verifier_name_or_path=str(tiny_llama), aux_layer_ids=[1, 2, 3], draft_vocab_size=64)
+    config = DraftConfig(
+        speculator_type="eagle3", verifier_name_or_path=str(tiny_llama), aux_layer_ids=[1, 2, 3], draft_vocab_size=64
+    )
     with pytest.raises(ValueError, match="token_freq.pt"):
         build_draft(config, None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from protocol.target import TargetSpec, sample_nbytes
-from trainer.stream.config import UNSIZED_BUFFER_BYTES, StreamConfig
+from trainer.stream.config import StreamConfig
 
 SPEC = TargetSpec(target_model="m", layer_ids=[2, 16, 29, 32], hidden_size=4096, dtype="bfloat16", vocab_size=128256)
 
@@ -20,7 +20,6 @@ def test_buffer_default_is_four_full_batches_of_this_rank():
 
 def test_given_buffer_bytes_win_and_no_batch_size_means_the_fixed_default():
     assert StreamConfig(endpoint="ipc:///tmp/x", buffer_bytes=12345, batch_tokens=8192).buffer_budget(SPEC) == 12345
-    assert StreamConfig(endpoint="ipc:///tmp/x").buffer_budget(SPEC) == UNSIZED_BUFFER_BYTES == 2 << 30
 
 
 @pytest.mark.parametrize(
@@ -37,4 +36,4 @@ def test_given_buffer_bytes_win_and_no_batch_size_means_the_fixed_default():
 )
 def test_bad_settings_are_refused_naming_the_flag(bad, match):
     with pytest.raises(ValueError, match=match):
-        StreamConfig(**{"endpoint": "ipc:///tmp/x", **bad})
+        StreamConfig(**{"endpoint": "ipc:///tmp/x", "batch_tokens": 8192, **bad})

@@ -9,8 +9,14 @@ from protocol.messages import PROTOCOL_VERSION, Hello, ProtocolVersionError
 from protocol.target import TargetSpec
 from trainer.stream.handshake import advertised_data_endpoint, hello_mismatch, refusal, version_refusal, welcome
 
-SPEC = TargetSpec(target_model="/models/Llama-3.1-8B", layer_ids=[2, 16, 29, 32], hidden_size=4096, dtype="bfloat16",
-                  vocab_size=128256, dataset_fingerprint="abc")  # fmt: skip
+SPEC = TargetSpec(
+    target_model="/models/Llama-3.1-8B",
+    layer_ids=[2, 16, 29, 32],
+    hidden_size=4096,
+    dtype="bfloat16",
+    vocab_size=128256,
+    dataset_fingerprint="abc",
+)
 
 
 def hello(**override) -> Hello:

@@ -37,7 +37,7 @@ TRAINER = textwrap.dedent(
             if line.startswith(key):
                 return int(line.split()[1]) * 1024
     spec = TargetSpec(target_model="fake", layer_ids=[2, 4, 5, 8], hidden_size={hidden}, dtype="float32", vocab_size=1000)
-    source = StreamSampleSource(StreamConfig(endpoint=sys.argv[1], buffer_bytes={budget}), spec, lengths=lambda sid: {tokens}).start()
+    source = StreamSampleSource(StreamConfig(endpoint=sys.argv[1], batch_tokens={tokens}, buffer_bytes={budget}), spec, lengths=lambda sid: {tokens}).start()
     torch.empty(8 << 20, dtype=torch.uint8).fill_(1)  # warm the allocator outside the measurement
     before = status("VmRSS")
     source.schedule(0, list(range({num})))
@@ -58,12 +58,20 @@ class FakeBackend:
     """Big synthetic captures, instantly: the producer is never the bottleneck."""
 
     def describe(self) -> TargetSpec:
-        return TargetSpec(target_model="fake", layer_ids=[2, 4, 5, 8], hidden_size=HIDDEN, dtype="float32", vocab_size=1000)
+        return TargetSpec(
+            target_model="fake", layer_ids=[2, 4, 5, 8], hidden_size=HIDDEN, dtype="float32", vocab_size=1000
+        )
 
     def capture(self, rows, *, epoch=0, lease_id=0):
         for row in rows:
-            yield Sample(sample_id=row.sample_id, epoch=epoch, lease_id=lease_id, token_ids=row.input_ids,
-                         loss_mask=row.loss_mask.to(torch.uint8), hidden_states=torch.full((TOKENS, LAYERS, HIDDEN), 0.25))  # fmt: skip
+            yield Sample(
+                sample_id=row.sample_id,
+                epoch=epoch,
+                lease_id=lease_id,
+                token_ids=row.input_ids,
+                loss_mask=row.loss_mask.to(torch.uint8),
+                hidden_states=torch.full((TOKENS, LAYERS, HIDDEN), 0.25),
+            )
 
     def close(self) -> None:
         pass
@@ -71,9 +79,13 @@ class FakeBackend:
 
 def test_slow_trainer_holds_at_most_its_budget_while_producers_wait(tmp_path):
     endpoint = f"ipc://{tmp_path}/stream"
-    trainer = subprocess.Popen([sys.executable, "-c", TRAINER, endpoint], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", TRAINER, endpoint], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     row = lambda sid: CaptureRow(sid, torch.arange(TOKENS), torch.ones(TOKENS, dtype=torch.uint8))  # noqa: E731
-    producer = StreamProducer(StreamClientConfig(producer_id="fast", connect=[endpoint], max_batch_tokens=4 * TOKENS), FakeBackend(), row)
+    producer = StreamProducer(
+        StreamClientConfig(producer_id="fast", connect=[endpoint], max_batch_tokens=4 * TOKENS), FakeBackend(), row
+    )
     thread = threading.Thread(target=producer.run, daemon=True)
     start = time.monotonic()
     thread.start()
@@ -90,5 +102,7 @@ def test_slow_trainer_holds_at_most_its_budget_while_producers_wait(tmp_path):
     # that went through: memory does not grow with the volume streamed.
     assert growth < BUDGET + 2 * sample_bytes + (96 << 20), (growth / 2**20, figures)
     assert growth < NUM_SAMPLES * sample_bytes / 3
-    print(f"trainer RSS growth {growth / 2**20:.1f} MiB for {NUM_SAMPLES * sample_bytes / 2**20:.0f} MiB streamed, budget {BUDGET / 2**20:.0f} MiB")
+    print(
+        f"trainer RSS growth {growth / 2**20:.1f} MiB for {NUM_SAMPLES * sample_bytes / 2**20:.0f} MiB streamed, budget {BUDGET / 2**20:.0f} MiB"
+    )
     assert time.monotonic() - start > NUM_SAMPLES * 0.03  # the producer waited for the slow trainer

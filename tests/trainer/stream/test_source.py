@@ -42,7 +42,13 @@ def backend(tiny_llama):
 
 def spec_of(backend, **override):
     info = backend.describe()
-    fields = dict(target_model=info.target_model, layer_ids=list(info.layer_ids), hidden_size=info.hidden_size, dtype=info.dtype, vocab_size=info.vocab_size)
+    fields = dict(
+        target_model=info.target_model,
+        layer_ids=list(info.layer_ids),
+        hidden_size=info.hidden_size,
+        dtype=info.dtype,
+        vocab_size=info.vocab_size,
+    )
     fields.update(override)
     return TargetSpec(**fields)
 
@@ -50,7 +56,7 @@ def spec_of(backend, **override):
 def make_source(tmp_path, backend, rows, **config):
     config.setdefault("lease_seconds", 5.0)
     source = StreamSampleSource(
-        StreamConfig(endpoint=f"ipc://{tmp_path}/stream", **config),
+        StreamConfig(endpoint=f"ipc://{tmp_path}/stream", **{"batch_tokens": 256, "buffer_bytes": 2 << 30, **config}),
         spec_of(backend),
         lengths=lambda sid: rows[sid].input_ids.shape[0],
         expected_tokens=lambda sid: rows[sid].input_ids,
@@ -60,7 +66,12 @@ def make_source(tmp_path, backend, rows, **config):
 
 def start_producer(tmp_path, backend, rows, name="producer-0", **config):
     producer = StreamProducer(
-        StreamClientConfig(producer_id=name, connect=[f"ipc://{tmp_path}/stream"], handshake_timeout_seconds=20, **{"max_batch_tokens": 64, **config}),
+        StreamClientConfig(
+            producer_id=name,
+            connect=[f"ipc://{tmp_path}/stream"],
+            handshake_timeout_seconds=20,
+            **{"max_batch_tokens": 64, **config},
+        ),
         backend,
         lambda sid: rows[sid],
     )
@@ -110,7 +121,9 @@ def test_samples_stay_in_their_frames_until_packed(tmp_path, backend, rows):
     assert len(framed) == sum(1 for s in got if s.hidden_states.nbytes > chunk) > 0
     for s in framed:
         assert len(s.hidden_states.parts) == -(-s.hidden_states.nbytes // chunk)
-        torch.testing.assert_close(pack([s], 64).hidden_states[0, : s.token_ids.shape[0]], expected[s.sample_id].hidden_states, rtol=0, atol=0)
+        torch.testing.assert_close(
+            pack([s], 64).hidden_states[0, : s.token_ids.shape[0]], expected[s.sample_id].hidden_states, rtol=0, atol=0
+        )
 
 
 def test_a_row_granted_for_two_epochs_at_once_reaches_both(tmp_path, backend, rows):
@@ -133,7 +146,7 @@ def test_a_row_granted_for_two_epochs_at_once_reaches_both(tmp_path, backend, ro
 def test_mismatched_handshake_is_refused_on_both_sides(tmp_path, backend, rows, caplog):
     info = backend.describe()
     source = StreamSampleSource(
-        StreamConfig(endpoint=f"ipc://{tmp_path}/stream"),
+        StreamConfig(endpoint=f"ipc://{tmp_path}/stream", batch_tokens=256, buffer_bytes=2 << 30),
         spec_of(backend, hidden_size=info.hidden_size * 2, layer_ids=[1, 2, 3, 4]),
         lengths=lambda sid: rows[sid].input_ids.shape[0],
     ).start()
@@ -145,7 +158,9 @@ def test_mismatched_handshake_is_refused_on_both_sides(tmp_path, backend, rows, 
 
 
 def test_buffered_bytes_never_exceed_the_budget_and_producers_wait(tmp_path, backend, rows):
-    largest = max(sample_nbytes(r.input_ids.shape[0], 4, backend.describe().hidden_size, torch.float32) for r in rows.values())
+    largest = max(
+        sample_nbytes(r.input_ids.shape[0], 4, backend.describe().hidden_size, torch.float32) for r in rows.values()
+    )
     budget = 2 * largest
     source = make_source(tmp_path, backend, rows, buffer_bytes=budget, samples_per_lease=1)
     _, thread = start_producer(tmp_path, backend, rows)
@@ -177,7 +192,9 @@ def test_garbage_and_strangers_do_not_disturb_the_stream(tmp_path, backend, rows
     send_message(control, grant)  # not a hello: the trainer says "unknown producer"
     assert control.poll(5000)
     assert recv_message(control)[1].code == "unknown_producer"
-    wrong = Hello(producer_id="x", target_model="other-model", layer_ids=[1], hidden_size=3, dtype="float32", vocab_size=5)
+    wrong = Hello(
+        producer_id="x", target_model="other-model", layer_ids=[1], hidden_size=3, dtype="float32", vocab_size=5
+    )
     send_message(control, wrong)
     assert control.poll(5000)
     refusal = recv_message(control)[1]
@@ -197,7 +214,17 @@ def test_work_of_a_producer_that_vanishes_is_granted_to_another(tmp_path, backen
     # A producer that says hello, takes grants and never delivers.
     zombie = make_socket(ctx, zmq.DEALER, SocketConfig(), connect=source.control_endpoint, identity=b"zombie")
     info = backend.describe()
-    send_message(zombie, Hello(producer_id="zombie", target_model=info.target_model, layer_ids=list(info.layer_ids), hidden_size=info.hidden_size, dtype=info.dtype, vocab_size=info.vocab_size))
+    send_message(
+        zombie,
+        Hello(
+            producer_id="zombie",
+            target_model=info.target_model,
+            layer_ids=list(info.layer_ids),
+            hidden_size=info.hidden_size,
+            dtype=info.dtype,
+            vocab_size=info.vocab_size,
+        ),
+    )
     source.schedule(0, list(range(NUM_ROWS)))
     grants = []
     deadline = time.monotonic() + 5
@@ -217,7 +244,9 @@ def test_work_of_a_producer_that_vanishes_is_granted_to_another(tmp_path, backen
 
 
 def test_a_reuse_window_the_buffer_cannot_hold_is_refused_up_front(tmp_path, backend, rows):
-    largest = max(sample_nbytes(r.input_ids.shape[0], 4, backend.describe().hidden_size, torch.float32) for r in rows.values())
+    largest = max(
+        sample_nbytes(r.input_ids.shape[0], 4, backend.describe().hidden_size, torch.float32) for r in rows.values()
+    )
     source = make_source(tmp_path, backend, rows, buffer_bytes=3 * largest)
     try:
         source.schedule(0, [0, 1, 0, 1])  # two samples live at once: fits

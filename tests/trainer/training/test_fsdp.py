@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.trainer.offline_data import offline_dataset  # noqa: F401 - fixture
 from tests.trainer.resume_harness import _env
 from trainer.training.accounting import read_accounting
 from trainer.training.checkpoint import MASTER_WEIGHTS_FILE
@@ -31,9 +30,29 @@ def test_two_fsdp_ranks_match_one_process_over_the_same_plan(offline_dataset, tm
     the last) against ``2 * accum`` accumulated batches in one process."""
     model, data, hs = offline_dataset
     # The Eagle-3 tutorial's Step 5 flags, tiny values.
-    flags = ["--verifier-name-or-path", str(model), "--data-path", str(data), "--hidden-states-path", str(hs),
-             "--draft-vocab-size", "256", "--epochs", "2", "--lr", "1e-3", "--total-seq-len", "96",
-             "--on-missing", "raise", "--noise-std", "0.05", "--no-progress", "--log-every", "1000"]  # fmt: skip
+    flags = [
+        "--verifier-name-or-path",
+        str(model),
+        "--data-path",
+        str(data),
+        "--hidden-states-path",
+        str(hs),
+        "--draft-vocab-size",
+        "256",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-3",
+        "--total-seq-len",
+        "96",
+        "--on-missing",
+        "raise",
+        "--noise-std",
+        "0.05",
+        "--no-progress",
+        "--log-every",
+        "1000",
+    ]
     two, one = tmp_path / "two", tmp_path / "one"
     # `torchrun ... scripts/train.py` with the program replaced by the `draftstream` console script.
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -44,7 +63,10 @@ def test_two_fsdp_ranks_match_one_process_over_the_same_plan(offline_dataset, tm
         [*torchrun, *program, *flags, "--save-path", str(two), "--grad-accum-steps", str(accum)],
         [sys.executable, "-m", "trainer.train", *flags, "--save-path", str(one), "--grad-accum-steps", str(2 * accum)],
     ]
-    procs = [subprocess.Popen(c, env=_env(None), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands]
+    procs = [
+        subprocess.Popen(c, env=_env(None), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for c in commands
+    ]
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-6000:]

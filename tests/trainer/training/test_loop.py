@@ -12,6 +12,7 @@ import threading
 import pytest
 import torch
 
+from trainer.data.batch import make_filler_batch
 from trainer.data.sources import InMemorySampleSource, SampleSource
 from trainer.models.config import DraftConfig
 from trainer.models.export import build_draft, load_draft, save_draft
@@ -19,7 +20,7 @@ from trainer.training import checkpoint as ckpt
 from trainer.training.accounting import read_accounting, trained_counts
 from trainer.training.config import LoopConfig
 from trainer.training.distributed import DistEnv
-from trainer.training.loop import Trainer, make_filler_batch
+from trainer.training.loop import Trainer
 from trainer.training.optim import lr_factor
 
 HIDDEN = 64
@@ -34,22 +35,36 @@ def captured(tiny_llama):
 
 def _model(verifier, seed=0, speculator_type="eagle3"):
     torch.manual_seed(seed)
-    config = DraftConfig(speculator_type=speculator_type, verifier_name_or_path=str(verifier), aux_layer_ids=[2, 2, 1],
-                         num_depths=3)  # fmt: skip
+    config = DraftConfig(
+        speculator_type=speculator_type, verifier_name_or_path=str(verifier), aux_layer_ids=[2, 2, 1], num_depths=3
+    )
     return build_draft(config, None)
 
 
 def _trainer(model, samples, save_path, *, val=(), **overrides):
-    kw = dict(save_path=str(save_path), epochs=1, lr=1e-3, total_seq_len=80, seed=3, scheduler_type="none",
-              progress=False, log_every=1000, noise_std=0.0)  # fmt: skip
+    kw = dict(
+        save_path=str(save_path),
+        epochs=1,
+        lr=1e-3,
+        total_seq_len=80,
+        seed=3,
+        scheduler_type="none",
+        progress=False,
+        log_every=1000,
+        noise_std=0.0,
+    )
     kw.update(overrides)
     source = InMemorySampleSource(samples)
     return Trainer(
-        model=model, config=LoopConfig(**kw), env=DistEnv(), train_source=source,
-        train_ids=[s.sample_id for s in samples if s.sample_id not in val], val_ids=list(val),
+        model=model,
+        config=LoopConfig(**kw),
+        env=DistEnv(),
+        train_source=source,
+        train_ids=[s.sample_id for s in samples if s.sample_id not in val],
+        val_ids=list(val),
         filler=make_filler_batch(num_layers=4, hidden_size=HIDDEN, dtype=samples[0].hidden_states.dtype),
         save_draft=save_draft,
-    )  # fmt: skip
+    )
 
 
 def _weights(model):

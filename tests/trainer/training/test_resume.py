@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from tests.trainer.offline_data import offline_dataset  # noqa: F401 - fixture
 from tests.trainer.resume_harness import run_resume_test
 from trainer.data.plan import BatchPlan
 from trainer.data.sources import PreparedDataset, split_train_val
@@ -18,10 +17,36 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
 def _flags(offline, save, *extra):
     model, data, hs = offline
-    return ["--verifier-name-or-path", str(model), "--data-path", str(data), "--hidden-states-path", str(hs),
-            "--save-path", str(save), "--draft-vocab-size", "256", "--epochs", "2", "--lr", "1e-3",
-            "--total-seq-len", "64", "--on-missing", "raise", "--noise-std", "0.05", "--scheduler-type", "cosine",
-            "--scheduler-warmup-steps", "3", "--no-progress", "--log-every", "1000", *extra]  # fmt: skip
+    return [
+        "--verifier-name-or-path",
+        str(model),
+        "--data-path",
+        str(data),
+        "--hidden-states-path",
+        str(hs),
+        "--save-path",
+        str(save),
+        "--draft-vocab-size",
+        "256",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-3",
+        "--total-seq-len",
+        "64",
+        "--on-missing",
+        "raise",
+        "--noise-std",
+        "0.05",
+        "--scheduler-type",
+        "cosine",
+        "--scheduler-warmup-steps",
+        "3",
+        "--no-progress",
+        "--log-every",
+        "1000",
+        *extra,
+    ]
 
 
 def _train_ids_and_steps(offline, world_size):
@@ -29,8 +54,12 @@ def _train_ids_and_steps(offline, world_size):
     (the plan is a pure function of the data and flags, so the test can make it too)."""
     dataset = PreparedDataset(offline[1])
     ids = split_train_val(len(dataset), val_ratio=0.1, seed=42)[0]
-    plans = [BatchPlan.build(sample_ids=ids, lengths=dataset.lengths(ids), seed=42, epoch=e, world_size=world_size,
-                             total_seq_len=64) for e in range(2)]  # fmt: skip
+    plans = [
+        BatchPlan.build(
+            sample_ids=ids, lengths=dataset.lengths(ids), seed=42, epoch=e, world_size=world_size, total_seq_len=64
+        )
+        for e in range(2)
+    ]
     return ids, sum(p.num_steps for p in plans)
 
 
@@ -47,8 +76,16 @@ def test_sigterm_halfway_then_restart_matches_an_uninterrupted_run(offline_datas
 
 def test_two_rank_fsdp_run_resumes_exactly_after_sigterm(offline_dataset, tmp_path):
     """torchrun forwards the SIGTERM to both ranks; they agree on the step to stop after."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "trainer.train"]  # fmt: skip
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "trainer.train",
+    ]
     ids, num_steps = _train_ids_and_steps(offline_dataset, 2)
     outcome = run_resume_test(
         lambda save: [*torchrun, *_flags(offline_dataset, save, "--speculator-type", "peagle", "--num-depths", "3")],

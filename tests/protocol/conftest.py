@@ -1,0 +1,3 @@
+"""Fixtures shared by the protocol tests."""
+
+from tests.protocol.probe import probe_kind  # noqa: F401 - fixture
