@@ -57,6 +57,7 @@ def _sync(device: torch.device) -> None:
 
 
 def run(args: argparse.Namespace, model_path: str) -> dict:
+    # Imported when this runs, not at the top: `draftstream bench --help` stays light.
     from producer.backend import CaptureRow, plan_batches
     from producer.capture import CaptureConfig, HFCapture, collate
 
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is not None:
         result = run(args, args.model)
     else:
+        # Imported when this runs, not at the top: `draftstream bench --help` stays light.
         from producer.tiny_target import TinyTargetConfig, build_tiny_target
 
         with tempfile.TemporaryDirectory(prefix="bench-capture-") as tmp:

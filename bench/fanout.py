@@ -71,6 +71,7 @@ def train_flags(epochs: int) -> list[str]:
 
 def steady_figures(save: Path) -> dict:
     """Samples trained (all ranks) and rank 0's step wall over every step but the run's first."""
+    # Imported when this runs, not at the top: `draftstream bench --help` stays light.
     from trainer.training.accounting import read_accounting
 
     _, steps = read_train_log(save / "train_log.jsonl")

@@ -76,11 +76,12 @@ from bench.processes import GroupRun, cpu_capacity
 from bench.runs import DRAFT_VOCAB, SEQ_LENGTH, cli, last_json, prepare_inputs, read_train_log
 from bench.runs import run_group as _run_group
 
-SEED = 42
-VAL_RATIO = 0.1
+SEED = 42  # the benchmark's fixed plan seed and split
+SPLIT_VAL_RATIO = 0.1  # the benchmark's fixed validation share
 
 
-def run_group(commands: dict[str, list[str]], log_dir: Path, *, watch: Path | None = None) -> GroupRun:
+def run_pipeline_group(commands: dict[str, list[str]], log_dir: Path, *, watch: Path | None = None) -> GroupRun:
+    """``bench.runs.run_group`` with the pipeline workers' process labels."""
     return _run_group(commands, log_dir, watch=watch, label=workers.label)
 
 
@@ -170,7 +171,7 @@ class Job:
             "--draft-vocab-size",
             str(DRAFT_VOCAB),
             "--val-ratio",
-            str(VAL_RATIO),
+            str(SPLIT_VAL_RATIO),
             "--seed",
             str(SEED),
             "--log-every",
@@ -203,7 +204,7 @@ def run_streaming(job: Job, work: Path) -> dict:
         "--",
         *job.train_flags(),
     )
-    group = run_group({"run": cmd}, work / "logs", watch=save / "train_log.jsonl")
+    group = run_pipeline_group({"run": cmd}, work / "logs", watch=save / "train_log.jsonl")
     return {
         "wall_s": group.wall_s,
         **trainer_figures(save / "train_log.jsonl", group),
@@ -232,7 +233,7 @@ def run_offline(job: Job, work: Path) -> dict:
         )
         for r in range(job.num_producers)
     }
-    produced = run_group(produce, work / "logs")
+    produced = run_pipeline_group(produce, work / "logs")
     train = cli(
         "train",
         "--verifier-name-or-path",
@@ -245,7 +246,7 @@ def run_offline(job: Job, work: Path) -> dict:
         str(save),
         *job.train_flags(),
     )
-    trained = run_group({"train": train}, work / "logs", watch=save / "train_log.jsonl")
+    trained = run_pipeline_group({"train": train}, work / "logs", watch=save / "train_log.jsonl")
     return {
         "wall_s": produced.wall_s + trained.wall_s,
         "produce_wall_s": produced.wall_s,
@@ -276,7 +277,7 @@ def run_producer_alone(job: Job, work: Path) -> dict:
         )
         for r in range(job.num_producers)
     }
-    group = run_group(commands, work / "logs")
+    group = run_pipeline_group(commands, work / "logs")
     reports = [last_json(group.logs[name]) for name in commands]
     return {
         "wall_s": group.wall_s,
@@ -305,7 +306,7 @@ def run_trainer_alone(job: Job, work: Path, spill: Path) -> dict:
         str(save),
         *job.train_flags(),
     )
-    group = run_group({"train": cmd}, work / "logs", watch=save / "train_log.jsonl")
+    group = run_pipeline_group({"train": cmd}, work / "logs", watch=save / "train_log.jsonl")
     report = last_json(group.logs["train"])
     return {
         "wall_s": group.wall_s,
@@ -340,12 +341,14 @@ def probe_capacity(*, attempts: int, quick: bool) -> dict:
 def grant_order(data: Path, *, epochs: int, total_seq_len: int) -> list[tuple[int, int]]:
     """(epoch, sample id) in the order a 1-rank streaming trainer schedules them: each epoch's
     training plan, then the validation plan (validation runs, and is streamed, every epoch)."""
+    # Imported when this runs, not at the top: `draftstream bench --help` stays light.
+    from protocol.dataset import PreparedDataset
     from trainer.data.order import fetch_order
     from trainer.data.plan import BatchPlan
-    from trainer.data.sources import PreparedDataset, split_train_val
+    from trainer.data.sources import split_train_val
 
     dataset = PreparedDataset(data)
-    train_ids, val_ids = split_train_val(len(dataset), val_ratio=VAL_RATIO, seed=SEED)
+    train_ids, val_ids = split_train_val(len(dataset), val_ratio=SPLIT_VAL_RATIO, seed=SEED)
     val = BatchPlan.build(
         sample_ids=val_ids,
         lengths=dataset.lengths(val_ids),

@@ -49,10 +49,11 @@ def capture_worker(argv: list[str]) -> int:
     args = p.parse_args(argv)
     import datasets
 
+    # Imported when this runs, not at the top: `draftstream bench --help` stays light.
     from producer.backend import CaptureRow
     from producer.capture import CaptureConfig, HFCapture
     from protocol.codec import encode
-    from trainer.stream.source import StreamConfig
+    from trainer.stream.config import StreamConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(StreamConfig)}
     per_lease, open_leases = defaults["samples_per_lease"], defaults["leases_per_producer"]
@@ -86,6 +87,7 @@ def capture_worker(argv: list[str]) -> int:
 def memtrain_worker(argv: list[str]) -> int:
     """Trainer alone: ``draftstream train`` whose file source reads every hidden-state file into an
     ``InMemorySampleSource`` once, before training, and serves from it."""
+    # Imported when this runs, not at the top: `draftstream bench --help` stays light.
     from protocol.hsfile import list_hs_indices
     from trainer import train
     from trainer.data.sources import FileSampleSource, InMemorySampleSource

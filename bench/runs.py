@@ -68,6 +68,7 @@ def read_train_log(train_log: Path) -> tuple[list[dict], list[dict]]:
 def prepare_inputs(root: Path, num_conversations: int) -> tuple[Path, Path]:
     """Tiny target + prepared data with the package's own commands (not timed). They run in this
     process, through the ``draftstream`` dispatcher: one transformers import instead of two."""
+    # Imported when this runs, not at the top: `draftstream bench --help` stays light.
     from protocol.cli import main as draftstream
 
     (root / "logs").mkdir(parents=True, exist_ok=True)

@@ -91,6 +91,7 @@ def write_fake_verifier(directory: Path, shape: dict, *, dtype=torch.bfloat16, s
 
 
 def random_samples(num: int, shape: dict, *, dtype: torch.dtype, seed: int = 0):
+    # Imported when this runs, not at the top: `draftstream bench --help` stays light.
     from trainer.data.batch import TrainSample
 
     g = torch.Generator().manual_seed(seed)
@@ -107,12 +108,14 @@ def random_samples(num: int, shape: dict, *, dtype: torch.dtype, seed: int = 0):
 
 
 def measure(algorithm: str, shape: dict, verifier: Path, *, device: str, steps: int, warmup: int, save: Path) -> dict:
+    # Imported when this runs, not at the top: `draftstream bench --help` stays light.
+    from protocol.devices import resolve_device
     from trainer.data.batch import make_filler_batch
     from trainer.data.sources import InMemorySampleSource
     from trainer.models.config import DraftConfig
     from trainer.models.export import build_draft, save_draft
     from trainer.training.config import LoopConfig
-    from trainer.training.distributed import DistEnv, resolve_device
+    from trainer.training.distributed import DistEnv
     from trainer.training.loop import Trainer
 
     dev = resolve_device(device)

@@ -20,18 +20,16 @@ N packed real tokens of a batch.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Iterable, Iterator
 
 import torch
 
 from producer.backend import DTYPE_CHOICES, CaptureRow, plan_batches
 from protocol.codec import DTYPE_NAMES
+from protocol.devices import resolve_device
 from protocol.layer_capture import ResidualCapture
 from protocol.messages import Sample
 from protocol.target import TargetSpec, capture_layer_ids
-
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -48,17 +46,12 @@ class CaptureConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"--dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
-        if not _DEVICE.match(self.device):
-            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {self.device}: CUDA is not available on this machine")
+        resolve_device(self.device)  # validates the flag
         if self.max_batch_tokens < 1:
             raise ValueError(f"--max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
 
 @dataclasses.dataclass

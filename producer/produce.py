@@ -16,12 +16,17 @@ from producer.backend import DTYPE_CHOICES
 from producer.run_config import BACKENDS, ProduceConfig
 from producer.spill_run import produce
 from producer.stream_run import stream
+from protocol.cli import DefaultsHelpFormatter, config_defaults
 from protocol.logs import setup_logging
 from protocol.signals import StopSignals
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="draftstream produce", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="draftstream produce",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=DefaultsHelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="target model: local folder or hub id")
     parser.add_argument("--data", required=True, help="prepared dataset folder (draftstream prepare --output)")
     mode = parser.add_mutually_exclusive_group(required=True)
@@ -31,57 +36,45 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         help="streaming: trainer stream endpoint(s), ipc://DIR or tcp://HOST:PORT (as the trainer's --stream-endpoint)",
     )
-    parser.add_argument(
-        "--num-ranks", type=int, default=1, help="streaming: trainer ranks behind each --connect endpoint"
-    )
-    parser.add_argument("--producer-id", default=None, help="streaming: a unique name (default: host and pid)")
-    parser.add_argument(
-        "--handshake-timeout", type=float, default=600.0, help="streaming: seconds to wait for a trainer"
-    )
-    parser.add_argument("--curve-secret-key", default=None, help="streaming: this producer's CURVE secret key file")
-    parser.add_argument("--curve-server-key", default=None, help="streaming: the trainer's CURVE public key file")
-    parser.add_argument("--max-samples", type=int, default=None, help="only the first N rows of the dataset")
-    parser.add_argument(
-        "--backend", default="hf", choices=BACKENDS, help="capture backend: hf (transformers, default) or vllm"
-    )
-    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="target dtype (auto: the checkpoint's)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    parser.add_argument(
-        "--target-layer-ids", type=int, nargs="+", default=None, help="layer ids to capture (default: 2 N//2 N-3 N)"
-    )
-    parser.add_argument("--max-batch-tokens", type=int, default=8192, help="padded tokens per forward (default 8192)")
+    parser.add_argument("--num-ranks", type=int, help="streaming: trainer ranks behind each --connect endpoint")
+    parser.add_argument("--producer-id", help="streaming: a unique name (default: host and pid)")
+    parser.add_argument("--handshake-timeout", type=float, help="streaming: seconds to wait for a trainer")
+    parser.add_argument("--curve-secret-key", help="streaming: this producer's CURVE secret key file")
+    parser.add_argument("--curve-server-key", help="streaming: the trainer's CURVE public key file")
+    parser.add_argument("--max-samples", type=int, help="only the first N rows of the dataset")
+    parser.add_argument("--backend", choices=BACKENDS, help="capture backend: hf (transformers, default) or vllm")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="target dtype (auto: the checkpoint's)")
+    parser.add_argument("--device", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument("--target-layer-ids", type=int, nargs="+", help="layer ids to capture (default: 2 N//2 N-3 N)")
+    parser.add_argument("--max-batch-tokens", type=int, help="padded tokens per forward")
     parser.add_argument("--validate", action="store_true", help="re-read and check every file of this rank at the end")
-    parser.add_argument("--world-size", type=int, default=1, help="number of producer processes sharing the rows")
-    parser.add_argument(
-        "--rank", type=int, default=0, help="this producer's rank: takes rows with i %% world-size == rank"
-    )
+    parser.add_argument("--world-size", type=int, help="number of producer processes sharing the rows")
+    parser.add_argument("--rank", type=int, help="this producer's rank: takes rows with i %% world-size == rank")
     parser.add_argument(
         "--skip-nonfinite", action="store_true", help="skip and count rows with NaN/Inf instead of failing"
     )
     vllm = parser.add_argument_group("--backend vllm")
     vllm.add_argument(
         "--endpoint",
-        default=None,
         help="a running `draftstream launch-vllm` server, http://HOST:PORT (default: an in-process engine)",
     )
-    vllm.add_argument("--served-model-name", default=None, help="the server's model name (default: the first it lists)")
-    vllm.add_argument("--concurrency", type=int, default=16, help="requests in flight against --endpoint (default 16)")
+    vllm.add_argument("--served-model-name", help="the server's model name (default: the first it lists)")
+    vllm.add_argument("--concurrency", type=int, help="requests in flight against --endpoint")
     vllm.add_argument(
         "--report-endpoint",
-        default=None,
         help="where vLLM's connector reports deliveries (default: ipc:// in a temp folder; tcp://THIS_HOST:PORT when vLLM runs elsewhere)",
     )
     vllm.add_argument(
         "--report-timeout",
         type=float,
-        default=300.0,
         help="spill: seconds to wait for the last files to be reported written",
     )
     vllm.add_argument(
         "--vllm-engine-args",
-        default=None,
         help="in-process engine: JSON of more vllm.LLM arguments, e.g. '{\"gpu_memory_utilization\": 0.8}'",
     )
+    # Every knob's default is ProduceConfig's: one default, shown by --help.
+    parser.set_defaults(**config_defaults(ProduceConfig))
     return parser
 
 

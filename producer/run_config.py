@@ -10,6 +10,7 @@ import dataclasses
 from pathlib import Path
 
 from producer.backend import DTYPE_CHOICES, CaptureBackend, PushingBackend
+from protocol.target import capture_layer_ids, read_text_config
 
 BACKENDS = ("hf", "vllm")
 
@@ -83,8 +84,6 @@ class ProduceConfig:
 
 def captured_layout(config: ProduceConfig) -> tuple[list[int], int]:
     """(layer ids, hidden size) from the target's config alone: validation needs no weights."""
-    from protocol.target import capture_layer_ids, read_text_config
-
     text = read_text_config(config.model)
     return capture_layer_ids(config.target_layer_ids, int(text["num_hidden_layers"])), int(text["hidden_size"])
 
@@ -96,6 +95,7 @@ def make_backend(
     (``captured_layout``); an in-process vLLM engine may spill under ``spill_dir`` only."""
     if config.backend == "vllm":
         return _vllm_backend(config, layer_ids=layer_ids, spill_dir=spill_dir)
+    # Backends load on demand: HF capture brings transformers, vLLM's needs vLLM's environment.
     from producer.capture import CaptureConfig, HFCapture
 
     return HFCapture(

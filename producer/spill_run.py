@@ -159,7 +159,7 @@ def _spill_with_vllm(
     """``--backend vllm --spill``: vLLM's connector writes the files; returns the rows skipped for NaN/Inf."""
     from tqdm import tqdm
 
-    from producer.vllm.backend import spill_rows
+    from producer.vllm.backend import spill_rows  # only --backend vllm runs need the vLLM backend's module
 
     backend = make_backend(config, layer_ids=layer_ids, spill_dir=spill)
     log.info("target: %s", backend.describe())

@@ -7,6 +7,8 @@ each as a ``main(argv) -> int`` callable. They are imported only when invoked, s
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import sys
 from importlib.metadata import entry_points
 
@@ -21,6 +23,21 @@ DESCRIPTIONS = {
     "keygen": "write a ZeroMQ CURVE key pair for authenticated tcp:// links",
     "make-tiny-target": "build a tiny local target model, tokenizer and conversations (no hub)",
 }
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default in --help unless it is None or the help already explains it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def config_defaults(cls) -> dict:
+    """The field defaults of a component's config dataclass: what a subcommand's parser sets as
+    its flags' defaults, so each knob has one default (the dataclass's) and --help shows it."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
 def _commands() -> dict:

@@ -37,11 +37,14 @@ from pathlib import Path
 
 import torch
 
+from protocol.cli import DefaultsHelpFormatter, config_defaults
 from protocol.codec import DTYPES
-from protocol.target import aux_layer_ids
+from protocol.sockets import CurveKeys
+from protocol.target import TargetSpec, aux_layer_ids
 from trainer.data.sources import ON_MISSING, VAL_RATIO
 from trainer.models.config import ATTENTION_BACKENDS, DRAFT_ARCHS, LOSS_FUNCTIONS, SPECULATOR_TYPES, DraftConfig
 from trainer.stream.config import BATCHES_BUFFERED, StreamConfig
+from trainer.stream.source import StreamSampleSource
 from trainer.training.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TRACKERS, LoopConfig
 
 logger = logging.getLogger("trainer.train")
@@ -57,11 +60,7 @@ _DRAFT_OVERRIDES = (
 )
 
 
-def _defaults(cls) -> dict:
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-
-
-_LOOP, _DRAFT, _STREAM = _defaults(LoopConfig), _defaults(DraftConfig), _defaults(StreamConfig)
+_LOOP, _DRAFT, _STREAM = config_defaults(LoopConfig), config_defaults(DraftConfig), config_defaults(StreamConfig)
 
 
 def config_kwargs(cls, args: argparse.Namespace, *, given_only: bool = False, skip: tuple[str, ...] = ()) -> dict:
@@ -81,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="draftstream train",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument(
@@ -292,6 +291,8 @@ def main(argv: list[str] | None = None, *, make_file_source: Callable | None = N
     """``draftstream train``. ``make_file_source``: builds the file source instead of
     ``FileSampleSource`` (same arguments; a benchmark's seam, e.g. one that preloads the files)."""
     args = build_parser().parse_args(argv)
+    # Imported here rather than at the top so `draftstream train --help` and flag errors come back
+    # without loading transformers and datasets.
     from protocol.dataset import PreparedDataset
     from protocol.logs import setup_logging
     from trainer.data.batch import make_filler_batch
@@ -406,10 +407,6 @@ def main(argv: list[str] | None = None, *, make_file_source: Callable | None = N
 
 def _stream_source(args: argparse.Namespace, env, dataset, verifier_config: dict, aux_ids: list[int]):
     """This rank's live sample source: binds its endpoints and waits for producers."""
-    from protocol.sockets import CurveKeys
-    from protocol.target import TargetSpec
-    from trainer.stream.source import StreamSampleSource
-
     num_layers = int(verifier_config["num_hidden_layers"])
     dtype = args.target_dtype or str(verifier_config.get("dtype") or verifier_config.get("torch_dtype") or "float32")
     if dtype not in DTYPES:

@@ -39,10 +39,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 import zmq
 
 from producer.backend import DTYPE_CHOICES, CaptureRow, PushJob, PushResult, plan_batches
+from producer.vllm.launch import kv_transfer_config, speculative_config
 from producer.vllm.params import PARAMS_KEY, SampleRoute, loss_mask_spans
+from protocol.codec import DTYPE_NAMES
 from protocol.hsfile import hs_path
 from protocol.messages import Delivered, ProtocolError
 from protocol.sockets import SocketConfig, is_loopback_endpoint, make_socket, recv_message
@@ -117,8 +120,6 @@ class InProcessEngine:
         model: str, *, layer_ids: list[int], dtype: str, engine_args: dict[str, Any], connector_extra: dict[str, Any]
     ) -> dict[str, Any]:
         """``vllm.LLM`` arguments: capture ``layer_ids`` with our connector, plus the user's extras."""
-        from producer.vllm.launch import kv_transfer_config, speculative_config
-
         for owned in ("speculative_config", "kv_transfer_config", "model", "dtype"):
             if owned in engine_args:
                 raise ValueError(f"--vllm-engine-args may not set {owned}: produce sets it")
@@ -214,10 +215,6 @@ class HTTPEngine:
 
 def target_spec(model: str, layer_ids: list[int] | None, dtype: str) -> TargetSpec:
     """What vLLM will capture for ``model``, from its config alone (no weights)."""
-    import torch
-
-    from protocol.codec import DTYPE_NAMES
-
     text = read_text_config(model)
     ids = capture_layer_ids(layer_ids, int(text["num_hidden_layers"]))
     if dtype == "auto":

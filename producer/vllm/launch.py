@@ -55,6 +55,7 @@ def kv_transfer_config(extra: dict[str, Any] | None = None) -> dict[str, Any]:
 def resolve_layer_ids(model: str, layer_ids: list[int] | None) -> list[int]:
     """The ids to capture for ``model`` (``protocol.target.capture_layer_ids``, last id required),
     its layer count read from its config (``protocol.target.read_text_config``)."""
+    # Here, not at the top: `draftstream launch-vllm --dry-run/--help` runs without importing torch.
     from protocol.target import capture_layer_ids, read_text_config
 
     text = read_text_config(model)

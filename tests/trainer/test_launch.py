@@ -23,8 +23,9 @@ import torch
 
 from producer.prepare import PrepareConfig, prepare_dataset
 from producer.tiny_target import TinyTargetConfig, build_tiny_target, write_conversations
+from protocol.dataset import PreparedDataset
 from trainer.data.plan import BatchPlan
-from trainer.data.sources import PreparedDataset, split_train_val
+from trainer.data.sources import split_train_val
 from trainer.training.accounting import read_accounting
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]

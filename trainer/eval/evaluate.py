@@ -31,21 +31,22 @@ import csv
 import dataclasses
 import json
 import logging
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from protocol.dataset import PreparedDataset
+from protocol.devices import resolve_device
 from protocol.logs import setup_logging
-from trainer.data.sources import VAL_RATIO
+from trainer.data.sources import VAL_RATIO, split_train_val
 from trainer.eval.speculate import AcceptanceStats, HFTarget, generate, stats_of
+from trainer.models.export import load_draft
 from trainer.training.config import LoopConfig
 
 logger = logging.getLogger("trainer.eval.evaluate")
 
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _ROLES = {
     "human": "user",
     "user": "user",
@@ -94,8 +95,6 @@ def _subset_name(spec: str) -> str:
 
 def prepared_prompts(path: Path, *, val_only: bool, val_ratio: float, seed: int) -> tuple[list[list[int]], int]:
     """Row tokens up to the first supervised position; rows with none (or none before it) skipped."""
-    from trainer.data.sources import PreparedDataset, split_train_val
-
     dataset = PreparedDataset(path)
     rows = split_train_val(len(dataset), val_ratio=val_ratio, seed=seed)[1] if val_only else range(len(dataset))
     prompts, skipped = [], 0
@@ -238,13 +237,7 @@ def _check_args(args: argparse.Namespace) -> torch.device:
         raise ValueError(f"--num-speculative-tokens must be >= 1, got {args.num_speculative_tokens}")
     if not (Path(args.checkpoint) / "config.json").is_file():
         raise ValueError(f"--checkpoint {args.checkpoint}: no config.json (give an epoch folder or checkpoint_best)")
-    if not _DEVICE.match(args.device):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
-    if args.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-    return torch.device(args.device)
+    return resolve_device(args.device)
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -286,8 +279,6 @@ def print_table(rows: list[dict], num_prompts: dict[str, int], k: int) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM
-
-    from trainer.models.export import load_draft
 
     device = _check_args(args)
     checkpoint = json.loads((Path(args.checkpoint) / "config.json").read_text())

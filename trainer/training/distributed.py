@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from protocol.devices import resolve_device
+
 logger = logging.getLogger(__name__)
 
 
@@ -47,22 +49,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: CUDA is not available on this machine")
-        return torch.device("cuda", local_rank)
-    if device.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine")
-        return torch.device(device)
-    if device == "cpu":
-        return torch.device("cpu")
-    raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 def init_distributed(device: str = "auto", *, timeout_s: float = 1800.0) -> DistEnv:

@@ -15,8 +15,10 @@ from producer.produce import main as produce_main
 from producer.stream_client import StreamClientConfig, StreamProducer
 from producer.vllm.backend import VLLMBackend, VLLMBackendConfig
 from protocol.hsfile import hs_path, list_hs_indices, read_hs_file
+from protocol.target import TargetSpec
 from tests.producer.vllm.fake_vllm import FakeVLLMServer, fake_hidden
-from trainer.stream.source import StreamConfig, StreamSampleSource, TargetSpec
+from trainer.stream.config import StreamConfig
+from trainer.stream.source import StreamSampleSource
 
 LAYER_IDS, HIDDEN = [2, 4, 5, 8], 64  # the tiny Llama's default capture
 

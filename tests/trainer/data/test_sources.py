@@ -8,13 +8,13 @@ import logging
 import pytest
 import torch
 
+from protocol.dataset import PreparedDataset
 from protocol.hsfile import HiddenStateFileError, hs_path, write_hs_file
 from tests.trainer.offline_data import write_hidden_state_files, write_prepared_dataset
 from trainer.data.batch import TrainSample, pack
 from trainer.data.sources import (
     FileSampleSource,
     InMemorySampleSource,
-    PreparedDataset,
     TokenMismatchError,
     add_aux_noise_,
     split_train_val,

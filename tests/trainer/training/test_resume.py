@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
+from protocol.dataset import PreparedDataset
 from tests.trainer.resume_harness import run_resume_test
 from trainer.data.plan import BatchPlan
-from trainer.data.sources import PreparedDataset, split_train_val
+from trainer.data.sources import split_train_val
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
