@@ -9,7 +9,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLI
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
-echo "== 1/3 tiny target: Llama, 8 layers, hidden 64, random weights, BPE tokenizer (all local) =="
+echo "== 1/3 tiny target: Llama, 8 layers, hidden 64 (2 heads of 32), random weights, BPE tokenizer (all local) =="
 $DS make-tiny-target --out "$OUT/target" --num-conversations 128
 
 echo "== 2/3 prepare: chat template, assistant-only loss mask, token_freq.pt =="

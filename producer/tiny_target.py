@@ -86,14 +86,15 @@ _SPECIALS = {
 @dataclasses.dataclass(kw_only=True)
 class TinyTargetConfig:
     """Shape of the tiny target. 8 layers is the smallest depth whose default capture
-    ``[2, N//2, N-3, N]`` = ``[2, 4, 5, 8]`` has distinct, ordered ids, as real targets have."""
+    ``[2, N//2, N-3, N]`` = ``[2, 4, 5, 8]`` has distinct, ordered ids, as real targets have.
+    Two heads of 32 (one KV head): vLLM's CPU attention takes head_dim 32 and up, not 16."""
 
     arch: str = "llama"
     num_layers: int = 8
     hidden_size: int = 64
     intermediate_size: int = 128
-    num_heads: int = 4
-    num_kv_heads: int = 2
+    num_heads: int = 2
+    num_kv_heads: int = 1
     vocab_size: int = 1024
     max_position_embeddings: int = 4096
     dtype: str = "float32"
@@ -228,11 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-layers", type=int, default=8, help="8 gives distinct default capture ids [2, 4, 5, 8]")
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--intermediate-size", type=int, default=128)
-    parser.add_argument("--num-heads", type=int, default=4)
-    parser.add_argument("--num-kv-heads", type=int, default=2)
+    parser.add_argument("--num-heads", type=int, default=2, help="head_dim = hidden / heads: vLLM on CPU needs >= 32")
+    parser.add_argument("--num-kv-heads", type=int, default=1)
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--no-generation-markers", action="store_true", help="chat template without {% generation %}")
+    parser.add_argument(
+        "--no-generation-markers", action="store_true", help="chat template without {%% generation %%} markers"
+    )
     parser.add_argument("--num-conversations", type=int, default=64)
     parser.add_argument("--style", default="sharegpt", choices=["sharegpt", "openai"])
     parser.add_argument("--seed", type=int, default=0)
