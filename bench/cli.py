@@ -21,9 +21,10 @@ BENCHMARKS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in BENCHMARKS:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
         names = ", ".join(sorted(BENCHMARKS))
-        print(f"usage: draftstream bench <{names}> [args...]", file=sys.stderr if argv else sys.stdout)
-        return 2 if argv else 0
+        asked = not argv or argv[0] in ("-h", "--help")
+        print(f"usage: draftstream bench <{names}> [args...]", file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     module = importlib.import_module(BENCHMARKS[argv[0]])
     return int(module.main(argv[1:]) or 0)

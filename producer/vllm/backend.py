@@ -14,7 +14,9 @@ kv-transfer settings of ``producer.vllm.launch``) or a server started with ``dra
 launch-vllm`` (``--endpoint http://HOST:PORT``: OpenAI completions with token-id prompts,
 ``max_tokens=1``, ``kv_transfer_params`` in the body, up to ``--concurrency`` requests at once).
 Either way the prompt token ids vLLM reports back must equal the row's, and the connector's answer
-must name the layer ids, hidden size and dtype this producer announced to the trainer.
+must name the layer ids, hidden size and dtype this producer announced to the trainer. ``--dtype
+auto`` is the checkpoint's dtype (given to the in-process engine; ``launch-vllm`` starts a server
+with it), and against a server the dtype its connector reports for one probe request.
 
 Delivery reports come back on a PULL socket this process binds (``--report-endpoint``, by default
 ``ipc://`` in a temporary folder: the connector runs on this host). Without them, failures still
@@ -53,12 +55,14 @@ from protocol.target import TargetSpec, capture_layer_ids, read_text_config
 
 logger = logging.getLogger(__name__)
 
+_PROBE_WAIT_MS = 2000  # how long the dtype probe waits for its (discarded) sample
+
 
 @dataclasses.dataclass(kw_only=True)
 class VLLMBackendConfig:
     model: str
     layer_ids: list[int] | None = None  # None: [2, N//2, N-3, N]
-    dtype: str = "auto"  # auto: the checkpoint's dtype (set explicitly on the in-process engine)
+    dtype: str = "auto"  # auto: the checkpoint's (set on the in-process engine), or what a server captures
     endpoint: str | None = None  # --endpoint http://HOST:PORT of `draftstream launch-vllm`; None: in-process
     served_model_name: str | None = None  # --served-model-name; None: the server's first model
     concurrency: int = 16  # --concurrency: requests in flight against --endpoint
@@ -260,6 +264,13 @@ class VLLMBackend:
                     engine_args=config.engine_args,
                     connector_extra=config.connector_extra,
                 )
+            if config.endpoint is not None and config.dtype == "auto":
+                served = self._served_dtype()
+                if served is not None and served != self.spec.dtype:
+                    logger.info(
+                        "the server captures %s (the checkpoint is %s): announcing %s", served, self.spec.dtype, served
+                    )
+                    self.spec = dataclasses.replace(self.spec, dtype=served)
         except BaseException:
             self._close_reports()
             raise
@@ -272,6 +283,44 @@ class VLLMBackend:
         # on a non-loopback address is the opt-in.
         config = SocketConfig(sndhwm=4, rcvhwm=1000, allow_remote=not is_loopback_endpoint(endpoint))
         return make_socket(self._ctx, zmq.PULL, config, bind=endpoint), endpoint
+
+    def _served_dtype(self) -> str | None:
+        """``--dtype auto`` against a server: the dtype its connector captures, or None (then the
+        checkpoint's dtype stands; ``launch-vllm`` starts vLLM with it).
+
+        A server tells the dtype only in its connector's answer to a draftstream request (``/v1/models``
+        does not), so one probe request goes out: a one-token prompt routed to a PULL socket bound here,
+        which takes the sample and discards it. The probe's ticket 0 is never live and it names no
+        report endpoint. Layer ids and hidden size are still checked on every answer."""
+        probe_sock, destination, probe_dir = self._bind_probe()
+        try:
+            route = SampleRoute(sample_id=0, destination=destination, num_tokens=1, ticket=0)
+            (answer,) = self.engine.run([([0], route.to_params())])
+            params = (answer.kv_transfer_params or {}).get(PARAMS_KEY)
+            if answer.error or not isinstance(params, dict) or params.get("error"):
+                reason = answer.error or (params or {}).get("error") or f"no {PARAMS_KEY!r} kv_transfer_params"
+                logger.warning("could not learn the server's dtype (%s); announcing the checkpoint's", reason)
+                return None
+            if probe_sock.poll(_PROBE_WAIT_MS):  # tidy: take the sample the connector sends
+                probe_sock.recv_multipart()
+            served = params.get("dtype")
+            return served if served in DTYPE_CHOICES and served != "auto" else None
+        finally:
+            probe_sock.close(linger=0)
+            if probe_dir is not None:
+                shutil.rmtree(probe_dir, ignore_errors=True)
+
+    def _bind_probe(self) -> tuple[zmq.Socket, str, str | None]:
+        """A PULL socket for the probe's sample where the connector can reach the reports: ipc in a
+        temp dir, or the report endpoint's tcp host on a free port. Returns (socket, endpoint, dir)."""
+        config = SocketConfig(sndhwm=4, rcvhwm=4, allow_remote=not is_loopback_endpoint(self.report_endpoint))
+        if self.report_endpoint.startswith("tcp://"):
+            host = self.report_endpoint[len("tcp://") :].rsplit(":", 1)[0]
+            sock = make_socket(self._ctx, zmq.PULL, config, bind=f"tcp://{host}:*")
+            return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT), None
+        probe_dir = tempfile.mkdtemp(prefix="draftstream-probe-")
+        endpoint = f"ipc://{probe_dir}/probe.sock"
+        return make_socket(self._ctx, zmq.PULL, config, bind=endpoint), endpoint, probe_dir
 
     def describe(self) -> TargetSpec:
         return self.spec

