@@ -13,6 +13,8 @@ By default the target is a tiny Llama built on the spot (hidden 256, 8 layers, r
 benchmark runs anywhere in about a minute on 2 CPU cores; --model measures a real checkpoint.
 
     python -m bench.capture [--device cuda --dtype bfloat16] [--model PATH]
+
+``draftstream bench producer --backend vllm`` measures the vLLM producer path instead (``bench.vllm_capture``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ TARGET_OVERHEAD_PCT = 5.0
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="draftstream bench capture", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--backend", choices=["hf"], default="hf", help="hf: this benchmark; vllm: bench.vllm_capture (bench/cli.py)"
+    )
     parser.add_argument("--model", default=None, help="existing target to measure (default: a tiny Llama built here)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument(

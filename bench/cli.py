@@ -26,5 +26,18 @@ def main(argv: list[str] | None = None) -> int:
         asked = not argv or argv[0] in ("-h", "--help")
         print(f"usage: draftstream bench <{names}> [args...]", file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
-    module = importlib.import_module(BENCHMARKS[argv[0]])
+    name = BENCHMARKS[argv[0]]
+    if argv[0] in ("producer", "capture") and _backend(argv[1:]) == "vllm":
+        name = "bench.vllm_capture"  # the vLLM producer path against plain vLLM prefill
+    module = importlib.import_module(name)
     return int(module.main(argv[1:]) or 0)
+
+
+def _backend(args: list[str]) -> str:
+    """The value of ``--backend`` in ``args`` ("hf" when absent)."""
+    for i, arg in enumerate(args):
+        if arg == "--backend" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--backend="):
+            return arg.split("=", 1)[1]
+    return "hf"

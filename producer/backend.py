@@ -87,13 +87,36 @@ class PushResult(NamedTuple):
 
 @runtime_checkable
 class PushingBackend(Protocol):
-    """A backend whose engine sends the samples itself (vLLM's KV connector)."""
+    """A backend whose engine sends the samples itself (vLLM's KV connector).
+
+    Asynchronous, so the engine never idles between batches: ``submit`` hands rows to the engine
+    and returns their tickets at once; the engine runs them while the caller submits more;
+    ``poll_results`` returns a ``PushResult`` per row the engine has finished (in the order they
+    finish, not the order submitted); ``poll_reports`` returns the connector's ``Delivered`` reports.
+    For each ticket its result always comes before its report, and a report is due only for a
+    result whose engine answer named our connector (``error`` == "", or an answer the backend
+    refused after the connector had taken the row). The caller bounds what is in flight (the stream
+    producer: granted rows, up to a few batches; spill: a fixed depth), keeping at least
+    ``min_in_flight_rows`` there when it has them (a server's concurrency). One thread calls every
+    method; ``poll_results`` raises once the engine itself has failed.
+    """
 
     def describe(self) -> TargetSpec: ...
 
-    def submit(self, jobs: list[PushJob]) -> list[PushResult]:
-        """Run the rows' prefills; one result per job, in order. Returns once the engine is done
-        with them; delivery follows asynchronously and is reported by ``poll_reports``."""
+    @property
+    def min_in_flight_rows(self) -> int: ...
+
+    @property
+    def num_in_flight(self) -> int:
+        """Rows submitted whose result ``poll_results`` has not returned yet."""
+        ...
+
+    def submit(self, jobs: list[PushJob]) -> list[int]:
+        """Start the rows' prefills; returns one ticket per job, in order, without waiting for the engine."""
+        ...
+
+    def poll_results(self, timeout_seconds: float = 0.0) -> list[PushResult]:
+        """Results of rows the engine finished since the last call, waiting up to ``timeout_seconds`` for one."""
         ...
 
     def poll_reports(self, timeout_seconds: float = 0.0) -> list[Delivered]: ...

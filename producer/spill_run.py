@@ -12,7 +12,7 @@
 
 With ``--backend hf`` the loop (``run_producer``) hands each sample to the spill sink
 (``producer.spill.SpillSink``); with ``--backend vllm`` the engine's connector writes the files and
-this process only submits rows and collects delivery reports (``producer.vllm.backend.spill_rows``).
+this process only submits rows and collects delivery reports (``spill_rows``, a few batches in flight).
 Runs are resumable: indices whose ``hs_{i}.safetensors`` is complete are skipped, temporaries of
 killed writers are removed (only this rank's), and ``--validate`` re-reads every file of this rank
 against the dataset.
@@ -22,16 +22,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from producer.backend import CaptureBackend, CaptureRow
+from producer.backend import CaptureBackend, CaptureRow, PushJob, plan_batches
 from producer.run_config import ProduceConfig, captured_layout, make_backend
 from producer.spill import SpillConfig, SpillSink
 from protocol.dataset import PreparedDataset
 from protocol.hsfile import HiddenStateFileError, clean_partial_files, hs_path, list_hs_indices, read_hs_file
+
+if TYPE_CHECKING:
+    from producer.vllm.backend import VLLMBackend
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +164,6 @@ def _spill_with_vllm(
     """``--backend vllm --spill``: vLLM's connector writes the files; returns the rows skipped for NaN/Inf."""
     from tqdm import tqdm
 
-    from producer.vllm.backend import spill_rows  # only --backend vllm runs need the vLLM backend's module
-
     backend = make_backend(config, layer_ids=layer_ids, spill_dir=spill)
     log.info("target: %s", backend.describe())
     try:
@@ -244,3 +247,89 @@ def produce(config: ProduceConfig, *, stop: threading.Event | None = None) -> Pr
         skipped |= set(sink.stats.skipped_nonfinite_ids) if sink is not None else set()
         report.validation.missing = [i for i in report.validation.missing if i not in skipped]
     return report
+
+
+# ---- spill through vLLM: the connector writes the files --------------------------------------
+
+SPILL_DEPTH = 4  # batches of --max-batch-tokens a vLLM spill keeps in flight
+
+
+@dataclasses.dataclass
+class PushSpillStats:
+    num_submitted: int = 0  # rows the engine ran
+    num_tokens: int = 0
+    num_written: int = 0
+    num_nonfinite: int = 0
+    nonfinite_ids: list[int] = dataclasses.field(default_factory=list)
+    failed: dict[int, str] = dataclasses.field(default_factory=dict)  # sample id -> why
+    stopped_early: bool = False
+
+
+def spill_rows(
+    backend: VLLMBackend,
+    rows: Iterable[CaptureRow],
+    directory: str | os.PathLike,
+    *,
+    max_batch_tokens: int,
+    depth: int = SPILL_DEPTH,
+    report_timeout_seconds: float = 300.0,
+    stop: threading.Event | None = None,
+    progress=None,
+) -> PushSpillStats:
+    """Submit rows with destination ``file://DIRECTORY``, up to ``depth`` batches of
+    ``max_batch_tokens`` in flight (the engine runs the next while we take the last one's results),
+    and wait until the connector has reported every file written (or failed), at most
+    ``report_timeout_seconds`` after the last result. ``stop``: submit no more, finish what runs."""
+    destination = "file://" + str(Path(directory).resolve())
+    stats = PushSpillStats()
+
+    def collect(reports) -> None:
+        for report in reports:
+            if report.sample_id in stats.failed:
+                continue  # refused on submission; its file is removed below
+            if report.ok:
+                stats.num_written += 1
+            elif "NaN or Inf" in report.reason:
+                stats.num_nonfinite += 1
+                stats.nonfinite_ids.append(report.sample_id)
+            else:
+                stats.failed[report.sample_id] = report.reason
+            if progress is not None:
+                progress.update(1)
+
+    batches = plan_batches(rows, max_batch_tokens, padded=False)  # vLLM packs without padding
+    batch = next(batches, None)
+    in_flight = 0  # tokens submitted whose result is not back
+    while batch is not None or backend.num_in_flight:
+        if batch is not None and stop is not None and stop.is_set():
+            stats.stopped_early, batch = True, None
+        while batch is not None and (not in_flight or in_flight + _tokens(batch) <= depth * max_batch_tokens):
+            backend.submit([PushJob(row=row, destination=destination) for row in batch])
+            in_flight += _tokens(batch)
+            batch = next(batches, None)
+        for result in backend.poll_results(timeout_seconds=0.05):
+            stats.num_submitted += 1
+            stats.num_tokens += len(result.job.row.input_ids)
+            in_flight -= len(result.job.row.input_ids)
+            if result.error:
+                stats.failed[int(result.job.row.sample_id)] = result.error
+                if progress is not None:
+                    progress.update(1)
+        collect(backend.poll_reports())
+    deadline = time.monotonic() + report_timeout_seconds
+    while backend.num_unreported and time.monotonic() < deadline:
+        collect(backend.poll_reports(timeout_seconds=min(1.0, max(0.01, deadline - time.monotonic()))))
+    for sample_id in backend.forget_unreported():
+        stats.failed.setdefault(
+            sample_id,
+            f"no delivery report within {report_timeout_seconds:.0f}s (--report-timeout); can the connector reach "
+            f"{backend.report_endpoint} (--report-endpoint)?",
+        )
+    # A resumed run skips rows whose file exists: a failed row must not leave one behind.
+    for sample_id in stats.failed:
+        hs_path(directory, sample_id).unlink(missing_ok=True)
+    return stats
+
+
+def _tokens(batch: list[CaptureRow]) -> int:
+    return sum(len(row.input_ids) for row in batch)

@@ -12,8 +12,11 @@ sample to the data endpoint of the rank that granted it, and reports ``LeaseDone
 the trainer is bounded by its grants; here by the backend's batch and the sockets' HWM.
 
 With a ``PushingBackend`` (vLLM) this process holds no tensors: it submits the granted rows with
-their rank's data endpoint, and the engine's connector pushes the samples there. A row the engine
-refuses, or a delivery the connector reports failed, goes back to its rank as ``LeaseFailed``.
+their rank's data endpoint, and the engine's connector pushes the samples there. Submission does not
+wait for the engine: up to ``max_batches_in_flight`` batches of granted rows are in the engine at
+once (at least the backend's ``min_in_flight_rows``), so it runs the next rows while this loop takes
+grants and results; a lease is done when every row's result is back. A row the engine refuses, or a
+delivery the connector reports failed, goes back to its rank as ``LeaseFailed``.
 
 A rank that restarts answers our messages with ``Error(unknown_producer)`` (or stays silent past
 ``trainer_timeout_seconds``): we drop its queued grants, whose leases died with it, and say hello
@@ -55,6 +58,7 @@ class StreamClientConfig:
     connect: list[str]  # --connect: stream endpoint bases of the trainer (ipc://DIR or tcp://HOST:PORT)
     num_ranks: int = 1  # --num-ranks: trainer ranks behind each base
     max_batch_tokens: int = 8192  # rows captured together, across grants
+    max_batches_in_flight: int = 4  # pushing backends: granted rows submitted ahead, in batches of max_batch_tokens
     heartbeat_seconds: float = 2.0
     trainer_timeout_seconds: float = 30.0  # silent rank -> say hello again
     handshake_timeout_seconds: float = 600.0  # --handshake-timeout: no rank welcomed us by then -> exit
@@ -67,6 +71,8 @@ class StreamClientConfig:
             raise ValueError("--connect needs at least one trainer endpoint")
         if self.num_ranks < 1:
             raise ValueError(f"--num-ranks must be >= 1, got {self.num_ranks}")
+        if self.max_batches_in_flight < 1:
+            raise ValueError(f"max_batches_in_flight must be >= 1, got {self.max_batches_in_flight}")
         for base in self.connect:
             rank_endpoints(base, 0)
 
@@ -131,6 +137,9 @@ class StreamProducer:
         # ticket -> (rank, lease id, sample id) of samples the connector has not reported on yet;
         # bounded: a connector that cannot reach us never reports, and leases expire anyway.
         self._tickets: collections.OrderedDict[int, tuple[_Rank, int, int]] = collections.OrderedDict()
+        # ticket -> (work, row) submitted to a pushing backend, until its result is back
+        self._in_flight: dict[int, tuple[_Work, CaptureRow]] = {}
+        self._in_flight_tokens = 0
 
     def run(self) -> StreamReport:
         ctx = zmq.Context()
@@ -198,7 +207,7 @@ class StreamProducer:
                             Heartbeat(sender=self.config.producer_id, time_s=time.time()),
                             flags=zmq.NOBLOCK,
                         )
-            events = dict(poller.poll(0 if self._work else 100))
+            events = dict(poller.poll(0 if self._ready() else 10 if self._in_flight else 100))
             for rank in ranks:
                 while rank.control in events:
                     try:
@@ -210,9 +219,21 @@ class StreamProducer:
                         continue
                     self._on_control(ctx, rank, message)
             if self._pushing:
+                self._on_results()
                 self._on_reports()
-            if self._work:
+            if self._ready():
                 self._capture_some()
+
+    def _ready(self) -> bool:
+        """Granted rows wait, and (pushing) the backend has room for another batch."""
+        if not any(w.remaining for w in self._work):
+            return False
+        if not self._pushing:
+            return True
+        depth = self.config.max_batches_in_flight
+        return self._in_flight_tokens <= (depth - 1) * self.config.max_batch_tokens or len(self._in_flight) < getattr(
+            self.backend, "min_in_flight_rows", 0
+        )
 
     def _forget(self, rank: _Rank) -> None:
         """The rank restarted or vanished: its leases are void; greet it again."""
@@ -278,6 +299,10 @@ class StreamProducer:
             for work in {id(w): w for w, _ in rows}.values():
                 self._fail(work, f"{type(e).__name__}: {e}")
             raise
+        self._finish_leases()
+
+    def _finish_leases(self) -> None:
+        """``LeaseDone`` for the leading grants whose every row is captured (or failed)."""
         while (
             self._work
             and not self._work[0].remaining
@@ -320,12 +345,31 @@ class StreamProducer:
     _MAX_TICKETS = 100_000
 
     def _submit(self, rows: list[tuple[_Work, CaptureRow]]) -> None:
+        """Hand rows to the engine; their results come back through ``_on_results``."""
         jobs = [
             PushJob(row=row, destination=work.rank.data_endpoint, epoch=work.grant.epoch, lease_id=work.grant.lease_id)
             for work, row in rows
         ]
+        for ticket, (work, row) in zip(self.backend.submit(jobs), rows, strict=True):
+            self._in_flight[ticket] = (work, row)
+            self._in_flight_tokens += len(row.input_ids)
+
+    def _on_results(self) -> None:
+        if not self._in_flight:
+            return
+        try:
+            results = self.backend.poll_results()
+        except Exception as e:  # the engine failed: every lease with rows in it fails
+            for work in {id(w): w for w, _ in self._in_flight.values()}.values():
+                self._fail(work, f"{type(e).__name__}: {e}")
+            raise
         dtype = DTYPES[self.spec.dtype]
-        for (work, row), result in zip(rows, self.backend.submit(jobs)):
+        for result in results:
+            entry = self._in_flight.pop(result.ticket, None)
+            if entry is None:
+                continue
+            work, row = entry
+            self._in_flight_tokens -= len(row.input_ids)
             if result.error:
                 logger.warning("rank %s sample %d not captured: %s", work.rank.name, row.sample_id, result.error)
                 self._fail_ids(work.rank, work.grant.lease_id, [int(row.sample_id)], result.error)
@@ -340,6 +384,8 @@ class StreamProducer:
             self._tickets[result.ticket] = (work.rank, work.grant.lease_id, int(row.sample_id))
             while len(self._tickets) > self._MAX_TICKETS:
                 self._tickets.popitem(last=False)
+        if results:
+            self._finish_leases()
 
     def _on_reports(self) -> None:
         for report in self.backend.poll_reports():

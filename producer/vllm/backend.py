@@ -9,7 +9,7 @@
       report PULL (Delivered, by ticket) <--------------     -- Sample --> trainer rank data endpoint
                                                              -- or ---> file:///DIR/hs_{i}.safetensors
 
-The engine is either ``vllm.LLM`` in this process (the default; it gets the speculative and
+The engine (``producer.vllm.engines``) is either ``vllm.LLM`` in this process (the default; it gets the speculative and
 kv-transfer settings of ``producer.vllm.launch``) or a server started with ``draftstream
 launch-vllm`` (``--endpoint http://HOST:PORT``: OpenAI completions with token-id prompts,
 ``max_tokens=1``, ``kv_transfer_params`` in the body, up to ``--concurrency`` requests at once).
@@ -25,30 +25,20 @@ heal through lease expiry on the trainer; spill waits for them to know when file
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import itertools
-import json
 import logging
-import os
 import shutil
 import tempfile
-import threading
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterable
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import zmq
 
-from producer.backend import DTYPE_CHOICES, CaptureRow, PushJob, PushResult, plan_batches
-from producer.vllm.launch import kv_transfer_config, speculative_config
+from producer.backend import DTYPE_CHOICES, CaptureRow, PushJob, PushResult
+from producer.vllm.engines import Answer, Engine, HTTPEngine, InProcessEngine
 from producer.vllm.params import PARAMS_KEY, SampleRoute, loss_mask_spans
 from protocol.codec import DTYPE_NAMES
-from protocol.hsfile import hs_path
 from protocol.messages import Delivered, ProtocolError
 from protocol.sockets import SocketConfig, is_loopback_endpoint, make_socket, recv_message
 from protocol.target import TargetSpec, capture_layer_ids, read_text_config
@@ -84,139 +74,6 @@ class VLLMBackendConfig:
             )
 
 
-@dataclasses.dataclass
-class Answer:
-    """What an engine says about one request: the prompt ids it ran and the connector's params."""
-
-    prompt_token_ids: list[int] | None
-    kv_transfer_params: dict[str, Any] | None
-    error: str = ""
-
-
-class Engine(Protocol):
-    def run(self, requests: list[tuple[list[int], dict[str, Any]]]) -> list[Answer]: ...
-
-    def close(self) -> None: ...
-
-
-class InProcessEngine:
-    """``vllm.LLM`` with hidden-state capture and our connector, in this process."""
-
-    def __init__(
-        self,
-        model: str,
-        *,
-        layer_ids: list[int],
-        dtype: str,
-        engine_args: dict[str, Any],
-        connector_extra: dict[str, Any],
-    ):
-        from vllm import LLM
-
-        self.llm = LLM(
-            **self.llm_kwargs(
-                model, layer_ids=layer_ids, dtype=dtype, engine_args=engine_args, connector_extra=connector_extra
-            )
-        )
-
-    @staticmethod
-    def llm_kwargs(
-        model: str, *, layer_ids: list[int], dtype: str, engine_args: dict[str, Any], connector_extra: dict[str, Any]
-    ) -> dict[str, Any]:
-        """``vllm.LLM`` arguments: capture ``layer_ids`` with our connector, plus the user's extras."""
-        for owned in ("speculative_config", "kv_transfer_config", "model", "dtype"):
-            if owned in engine_args:
-                raise ValueError(f"--vllm-engine-args may not set {owned}: produce sets it")
-        return dict(
-            model=model,
-            dtype=dtype,
-            speculative_config=speculative_config(layer_ids),
-            kv_transfer_config=kv_transfer_config(connector_extra),
-            **engine_args,
-        )
-
-    @staticmethod
-    def sampling_params(kv_transfer_params: dict[str, Any]):
-        """One prefill, one sampled token; the route rides in ``extra_args`` as vLLM expects."""
-        from vllm import SamplingParams
-
-        return SamplingParams(max_tokens=1, temperature=0.0, extra_args={"kv_transfer_params": kv_transfer_params})
-
-    def run(self, requests: list[tuple[list[int], dict[str, Any]]]) -> list[Answer]:
-        from vllm.inputs import TokensPrompt
-
-        prompts = [TokensPrompt(prompt_token_ids=ids) for ids, _ in requests]
-        params = [self.sampling_params(kv) for _, kv in requests]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [Answer(list(out.prompt_token_ids or []), out.kv_transfer_params) for out in outputs]
-
-    def close(self) -> None:
-        engine = getattr(self.llm, "llm_engine", None)
-        shutdown = getattr(engine, "shutdown", None)
-        if callable(shutdown):
-            shutdown()
-
-
-class HTTPEngine:
-    """A running ``vllm serve`` (``draftstream launch-vllm``), through its OpenAI completions API."""
-
-    def __init__(self, endpoint: str, *, served_model_name: str | None, concurrency: int, timeout_seconds: float):
-        self.base = endpoint.rstrip("/")
-        self.timeout = timeout_seconds
-        self.model = served_model_name or self._first_model()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="vllm-http")
-
-    def _first_model(self) -> str:
-        models = self._call("GET", "/v1/models").get("data") or []
-        if not models:
-            raise ValueError(f"{self.base}/v1/models lists no model; pass --served-model-name")
-        return str(models[0]["id"])
-
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            self.base + path, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")[:500]
-            raise RuntimeError(f"{method} {self.base}{path}: HTTP {e.code}: {detail}") from None
-        except urllib.error.URLError as e:
-            raise ConnectionError(
-                f"{method} {self.base}{path}: {e.reason}; is the server up (draftstream launch-vllm)?"
-            ) from None
-
-    @staticmethod
-    def completion_body(model: str, ids: list[int], kv_transfer_params: dict[str, Any]) -> dict[str, Any]:
-        """A completions request vLLM runs as exactly these token ids, one token out, and answers
-        with the prompt ids it ran (``return_token_ids``) and the connector's kv_transfer_params."""
-        return {
-            "model": model,
-            "prompt": ids,
-            "max_tokens": 1,
-            "temperature": 0.0,
-            "return_token_ids": True,
-            "kv_transfer_params": kv_transfer_params,
-        }
-
-    def _one(self, ids: list[int], kv: dict[str, Any]) -> Answer:
-        body = self.completion_body(self.model, ids, kv)
-        try:
-            reply = self._call("POST", "/v1/completions", body)
-        except RuntimeError as e:  # the server answered: this request failed, the others may not
-            return Answer(None, None, str(e))
-        choices = reply.get("choices") or [{}]
-        return Answer(choices[0].get("prompt_token_ids"), reply.get("kv_transfer_params"))
-
-    def run(self, requests: list[tuple[list[int], dict[str, Any]]]) -> list[Answer]:
-        return list(self._pool.map(lambda r: self._one(*r), requests))
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-
-
 def target_spec(model: str, layer_ids: list[int] | None, dtype: str) -> TargetSpec:
     """What vLLM will capture for ``model``, from its config alone (no weights)."""
     text = read_text_config(model)
@@ -242,7 +99,9 @@ class VLLMBackend:
         self.config = config
         self.spec = target_spec(config.model, config.layer_ids, config.dtype)
         self._tickets = itertools.count(1)
+        self._pending: dict[int, PushJob] = {}  # ticket -> job, until poll_results returns it
         self._live: dict[int, int] = {}  # ticket -> sample id, until reported
+        self._early: dict[int, Delivered] = {}  # reports that came before their row's result
         self._tmpdir: str | None = None
         self._ctx = zmq.Context()
         self._report_sock, self.report_endpoint = self._bind_reports(config.report_endpoint)
@@ -328,31 +187,54 @@ class VLLMBackend:
     def capture(self, rows, *, epoch: int = 0, lease_id: int = 0):
         raise TypeError("the vLLM backend does not hand samples to the producer: its connector sends them (use submit)")
 
-    def submit(self, jobs: list[PushJob]) -> list[PushResult]:
-        routes = []
+    @property
+    def min_in_flight_rows(self) -> int:
+        """Against a server, ``--concurrency`` requests run at once: keep at least that many in flight."""
+        return self.config.concurrency if self.config.endpoint is not None else 0
+
+    def submit(self, jobs: list[PushJob]) -> list[int]:
+        """Hand the rows to the engine and return their tickets at once (see ``PushingBackend``)."""
+        tickets = []
         for job in jobs:
             ids = job.row.input_ids.tolist()
-            routes.append(
-                SampleRoute(
-                    sample_id=int(job.row.sample_id),
-                    epoch=job.epoch,
-                    lease_id=job.lease_id,
-                    destination=job.destination,
-                    num_tokens=len(ids),
-                    loss_mask_spans=loss_mask_spans(job.row.loss_mask),
-                    report=self.report_endpoint,
-                    ticket=next(self._tickets),
-                )
+            route = SampleRoute(
+                sample_id=int(job.row.sample_id),
+                epoch=job.epoch,
+                lease_id=job.lease_id,
+                destination=job.destination,
+                num_tokens=len(ids),
+                loss_mask_spans=loss_mask_spans(job.row.loss_mask),
+                report=self.report_endpoint,
+                ticket=next(self._tickets),
             )
-        answers = self.engine.run([(job.row.input_ids.tolist(), route.to_params()) for job, route in zip(jobs, routes)])
+            # Live from now on: the connector may report before the engine's answer is read here.
+            self._pending[route.ticket] = job
+            self._live[route.ticket] = route.sample_id
+            self.engine.start(route.ticket, ids, route.to_params())
+            tickets.append(route.ticket)
+        return tickets
+
+    @property
+    def num_in_flight(self) -> int:
+        """Rows submitted whose result ``poll_results`` has not returned yet."""
+        return len(self._pending)
+
+    def poll_results(self, timeout_seconds: float = 0.0) -> list[PushResult]:
+        """Results of the rows the engine has finished since the last call (waiting up to
+        ``timeout_seconds`` for the first), in the order they finished."""
         results = []
-        for job, route, answer in zip(jobs, routes, answers):
+        for ticket, answer in self.engine.finished(timeout_seconds if self._pending else 0.0):
+            job = self._pending.pop(ticket, None)
+            if job is None:
+                continue
             error = answer.error or self._check(job.row, answer)
             params = (answer.kv_transfer_params or {}).get(PARAMS_KEY)
-            if isinstance(params, dict) and not params.get("error"):
-                # The connector is sending it, even when we refuse the answer: its report is still due.
-                self._live[route.ticket] = route.sample_id
-            results.append(PushResult(job=job, ticket=route.ticket, error=error))
+            if not isinstance(params, dict) or params.get("error"):
+                # The connector is not sending it: no report is due. (When only our check refuses the
+                # answer, the connector is sending it and its report is still due.)
+                self._live.pop(ticket, None)
+                self._early.pop(ticket, None)
+            results.append(PushResult(job=job, ticket=ticket, error=error))
         return results
 
     def _check(self, row: CaptureRow, answer: Answer) -> str:
@@ -380,8 +262,9 @@ class VLLMBackend:
     def poll_reports(self, timeout_seconds: float = 0.0) -> list[Delivered]:
         """Reports on this backend's live tickets that arrived (waiting up to ``timeout_seconds``
         for the first); ``sample_id`` is the one this backend submitted under the ticket."""
-        reports: list[Delivered] = []
-        if timeout_seconds > 0 and not self._report_sock.poll(int(timeout_seconds * 1000)):
+        # A report on a row whose result is not out yet waits for it: results come first.
+        reports = [self._early.pop(t) for t in list(self._early) if t not in self._pending]
+        if not reports and timeout_seconds > 0 and not self._report_sock.poll(int(timeout_seconds * 1000)):
             return reports
         while True:
             try:
@@ -395,18 +278,21 @@ class VLLMBackend:
                 continue
             sample_id = self._live.pop(message.ticket, None)
             if sample_id is not None:
-                reports.append(
-                    Delivered(ticket=message.ticket, sample_id=sample_id, ok=message.ok, reason=message.reason)
-                )
+                report = Delivered(ticket=message.ticket, sample_id=sample_id, ok=message.ok, reason=message.reason)
+                if message.ticket in self._pending:
+                    self._early[message.ticket] = report
+                else:
+                    reports.append(report)
 
     @property
     def num_unreported(self) -> int:
-        return len(self._live)
+        return len(self._live) + len(self._early)
 
     def forget_unreported(self) -> list[int]:
         """Give up on the reports still due; returns their sample ids."""
-        ids = list(self._live.values())
+        ids = list(self._live.values()) + [report.sample_id for report in self._early.values()]
         self._live.clear()
+        self._early.clear()
         return ids
 
     def _close_reports(self) -> None:
@@ -422,73 +308,3 @@ class VLLMBackend:
             self.engine.close()
         finally:
             self._close_reports()
-
-
-# ---- spill through vLLM ---------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class PushSpillStats:
-    num_submitted: int = 0
-    num_tokens: int = 0
-    num_written: int = 0
-    num_nonfinite: int = 0
-    nonfinite_ids: list[int] = dataclasses.field(default_factory=list)
-    failed: dict[int, str] = dataclasses.field(default_factory=dict)  # sample id -> why
-    stopped_early: bool = False
-
-
-def spill_rows(
-    backend: VLLMBackend,
-    rows: Iterable[CaptureRow],
-    directory: str | os.PathLike,
-    *,
-    max_batch_tokens: int,
-    report_timeout_seconds: float = 300.0,
-    stop: threading.Event | None = None,
-    progress=None,
-) -> PushSpillStats:
-    """Submit rows with destination ``file://DIRECTORY`` and wait until the connector has reported
-    every file written (or failed), at most ``report_timeout_seconds`` after the last submission."""
-    destination = "file://" + str(Path(directory).resolve())
-    stats = PushSpillStats()
-
-    def collect(reports: list[Delivered]) -> None:
-        for report in reports:
-            if report.sample_id in stats.failed:
-                continue  # refused on submission; its file is removed below
-            if report.ok:
-                stats.num_written += 1
-            elif "NaN or Inf" in report.reason:
-                stats.num_nonfinite += 1
-                stats.nonfinite_ids.append(report.sample_id)
-            else:
-                stats.failed[report.sample_id] = report.reason
-            if progress is not None:
-                progress.update(1)
-
-    for batch in plan_batches(rows, max_batch_tokens, padded=False):  # vLLM packs without padding
-        for result in backend.submit([PushJob(row=row, destination=destination) for row in batch]):
-            stats.num_submitted += 1
-            stats.num_tokens += len(result.job.row.input_ids)
-            if result.error:
-                stats.failed[int(result.job.row.sample_id)] = result.error
-                if progress is not None:
-                    progress.update(1)
-        collect(backend.poll_reports())
-        if stop is not None and stop.is_set():
-            stats.stopped_early = True
-            break
-    deadline = time.monotonic() + report_timeout_seconds
-    while backend.num_unreported and time.monotonic() < deadline:
-        collect(backend.poll_reports(timeout_seconds=min(1.0, max(0.01, deadline - time.monotonic()))))
-    for sample_id in backend.forget_unreported():
-        stats.failed.setdefault(
-            sample_id,
-            f"no delivery report within {report_timeout_seconds:.0f}s (--report-timeout); can the connector reach "
-            f"{backend.report_endpoint} (--report-endpoint)?",
-        )
-    # A resumed run skips rows whose file exists: a failed row must not leave one behind.
-    for sample_id in stats.failed:
-        hs_path(directory, sample_id).unlink(missing_ok=True)
-    return stats

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-from producer.vllm.backend import HTTPEngine, InProcessEngine  # noqa: E402
+from producer.vllm.engines import HTTPEngine, InProcessEngine  # noqa: E402
 from producer.vllm.params import SampleRoute  # noqa: E402
 from tests.vllm.conftest import LAYER_IDS, engine_config_of  # noqa: E402
 

@@ -92,7 +92,7 @@ def make_request(request_id: str, prompt: list[int], route: SampleRoute | None, 
     from vllm import SamplingParams
     from vllm.v1.request import Request
 
-    from producer.vllm.backend import InProcessEngine
+    from producer.vllm.engines import InProcessEngine
 
     kv = route.to_params() if route is not None else params
     sampling = InProcessEngine.sampling_params(kv) if kv is not None else SamplingParams(max_tokens=1)

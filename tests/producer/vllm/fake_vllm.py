@@ -5,7 +5,8 @@ routes ``produce --backend vllm --endpoint`` uses, with our real connector machi
 Its "hidden states" are a deterministic function of the prompt (``fake_hidden``), so tests can check
 what arrived. Behaviour switches: ``alter_prompt`` (vLLM ran other ids), ``no_connector`` (a server
 without our kv-transfer config), ``fail_once`` (sample ids whose first delivery the connector reports
-failed without sending), ``layer_ids`` and ``dtype`` (what the server captures).
+failed without sending), ``layer_ids`` and ``dtype`` (what the server captures), ``delay_seconds``
+(each completion takes this long; ``max_concurrent`` counts the most answered at once).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import collections
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -37,6 +39,9 @@ class FakeVLLMServer:
         self.fail_once: set[int] = set()
         self.requests: collections.Counter = collections.Counter()  # sample id -> completions seen
         self.probes = 0  # dtype probes seen (route ticket 0)
+        self.delay_seconds = 0.0
+        self.max_concurrent = 0
+        self._running = 0
         self.sender = HSSender(SenderConfig(spill_dirs=[str(d) for d in spill_dirs], fsync=False), name="FakeVLLMSend")
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -50,6 +55,17 @@ class FakeVLLMServer:
         self.sender.close(timeout=10)
 
     def complete(self, body: dict) -> dict:
+        with self._lock:
+            self._running += 1
+            self.max_concurrent = max(self.max_concurrent, self._running)
+        try:
+            time.sleep(self.delay_seconds)
+            return self._complete(body)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    def _complete(self, body: dict) -> dict:
         prompt = list(body["prompt"])
         assert body["max_tokens"] == 1 and body["return_token_ids"] is True and body["model"] == self.model_name
         route = SampleRoute.from_params(body.get("kv_transfer_params"))

@@ -6,6 +6,7 @@ granted again. vLLM's own classes are exercised in tests/vllm (make test-vllm)."
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -151,6 +152,30 @@ def test_an_unreachable_server_is_named(tmp_path, tiny_llama, prepared_llama, ca
     ]
     assert produce_main(argv) == 1
     assert "is the server up (draftstream launch-vllm)?" in capsys.readouterr().err
+
+
+def test_submit_returns_at_once_and_the_server_runs_concurrency_requests_together(tmp_path, server, tiny_llama, rows):
+    from producer.backend import PushingBackend, PushJob
+
+    server.delay_seconds = 0.2
+    backend = VLLMBackend(VLLMBackendConfig(model=str(tiny_llama), endpoint=server.url, concurrency=4))
+    try:
+        assert isinstance(backend, PushingBackend) and backend.min_in_flight_rows == 4
+        destination = "file://" + str(tmp_path)
+        start = time.monotonic()
+        tickets = backend.submit([PushJob(row=rows[i], destination=destination) for i in range(8)])
+        assert time.monotonic() - start < 0.15 and backend.num_in_flight == 8  # not waiting for the server
+        results = []
+        while len(results) < 8:
+            results += backend.poll_results(timeout_seconds=5)
+        assert sorted(r.ticket for r in results) == sorted(tickets) and not any(r.error for r in results)
+        assert server.max_concurrent == 4 and backend.num_in_flight == 0
+        reports = []
+        while backend.num_unreported:
+            reports += backend.poll_reports(timeout_seconds=5)
+        assert sorted(r.sample_id for r in reports) == list(range(8)) and all(r.ok for r in reports)
+    finally:
+        backend.close()
 
 
 # ---- streaming: grants from a trainer rank, samples pushed by the server's connector ------------
