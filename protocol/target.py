@@ -120,6 +120,13 @@ class TargetSpec:
         return "; ".join(problems)
 
 
+def checkpoint_dtype(text: dict) -> str:
+    """The dtype a checkpoint's config names (``dtype``, else ``torch_dtype``, else float32), as a
+    name (``"bfloat16"``): what ``--dtype auto`` means on both sides."""
+    raw = text.get("dtype") or text.get("torch_dtype") or "float32"
+    return str(raw).removeprefix("torch.")
+
+
 def read_text_config(model: str | Path) -> dict:
     """The decoder's settings (``num_hidden_layers``, ``hidden_size``, ``vocab_size``, dtype, ...)
     of ``model``: a local folder's ``config.json`` read as JSON, else ``transformers.AutoConfig``

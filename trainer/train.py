@@ -40,7 +40,7 @@ import torch
 from protocol.cli import DefaultsHelpFormatter, config_defaults
 from protocol.codec import DTYPES
 from protocol.sockets import CurveKeys
-from protocol.target import TargetSpec, aux_layer_ids
+from protocol.target import TargetSpec, aux_layer_ids, checkpoint_dtype
 from trainer.data.sources import ON_MISSING, VAL_RATIO
 from trainer.models.config import ATTENTION_BACKENDS, DRAFT_ARCHS, LOSS_FUNCTIONS, SPECULATOR_TYPES, DraftConfig
 from trainer.stream.config import BATCHES_BUFFERED, StreamConfig
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None, *, make_file_source: Callable | None = N
 def _stream_source(args: argparse.Namespace, env, dataset, verifier_config: dict, aux_ids: list[int]):
     """This rank's live sample source: binds its endpoints and waits for producers."""
     num_layers = int(verifier_config["num_hidden_layers"])
-    dtype = args.target_dtype or str(verifier_config.get("dtype") or verifier_config.get("torch_dtype") or "float32")
+    dtype = args.target_dtype or checkpoint_dtype(verifier_config)
     if dtype not in DTYPES:
         raise ValueError(f"--target-dtype {dtype!r} is not one of {sorted(DTYPES)}")
     target = TargetSpec(

@@ -41,7 +41,7 @@ from producer.vllm.params import PARAMS_KEY, SampleRoute, loss_mask_spans
 from protocol.codec import DTYPE_NAMES
 from protocol.messages import Delivered, ProtocolError
 from protocol.sockets import SocketConfig, is_loopback_endpoint, make_socket, recv_message
-from protocol.target import TargetSpec, capture_layer_ids, read_text_config
+from protocol.target import TargetSpec, capture_layer_ids, checkpoint_dtype, read_text_config
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +79,7 @@ def target_spec(model: str, layer_ids: list[int] | None, dtype: str) -> TargetSp
     text = read_text_config(model)
     ids = capture_layer_ids(layer_ids, int(text["num_hidden_layers"]))
     if dtype == "auto":
-        raw = text.get("dtype") or text.get("torch_dtype") or "float32"
-        resolved = raw if isinstance(raw, torch.dtype) else getattr(torch, str(raw))
-        dtype = DTYPE_NAMES[resolved]
+        dtype = DTYPE_NAMES[getattr(torch, checkpoint_dtype(text))]
     return TargetSpec(
         target_model=model,
         layer_ids=ids,

@@ -90,10 +90,11 @@ def resolve_layer_ids(model: str, layer_ids: list[int] | None, text: dict[str, A
 
 def checkpoint_dtype(text: dict[str, Any]) -> str | None:
     """vLLM's ``--dtype`` for the checkpoint's own dtype: what ``produce --dtype auto`` announces
-    (``producer.vllm.backend.target_spec``: ``dtype``, else ``torch_dtype``, else float32). None for a
+    (``protocol.target.checkpoint_dtype``). None for a
     dtype vLLM does not run as such (then vLLM picks; pass ``--dtype`` to both commands)."""
-    raw = text.get("dtype") or text.get("torch_dtype") or "float32"
-    return _VLLM_DTYPES.get(str(raw).removeprefix("torch."))
+    from protocol.target import checkpoint_dtype as named_dtype  # lazy: --help and --dry-run need no torch
+
+    return _VLLM_DTYPES.get(named_dtype(text))
 
 
 def vllm_executable(vllm: str | None) -> list[str]:

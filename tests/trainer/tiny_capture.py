@@ -13,11 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from producer.tiny_target import conversations
+from protocol.target import default_layer_ids
 from trainer.data.batch import TrainSample
-
-
-def default_layer_ids(num_layers: int) -> list[int]:
-    return [2, num_layers // 2, num_layers - 3, num_layers]
 
 
 @torch.no_grad()
