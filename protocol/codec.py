@@ -17,13 +17,18 @@ the kernel's two socket copies already fill both cores, and a third copy on rece
 third of the throughput (bench/transport).
 
 Everything a peer sends is validated before any allocation: kind, header types, dtype whitelist,
-shapes, frame count, frame sizes, and the message size limit. All of it fails as ProtocolError.
+shapes, frame count, frame sizes, and the message size limit. All of it fails as ProtocolError, and
+nothing else does, whatever the header claims: scalar fields must fit int64, floats be finite, text
+and lists be of bounded length, every tensor dim below 2**31. ``read_header`` does the header half
+of that on its own, so ``sockets.recv_bounded`` can refuse a message before its data frames are read.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
+import reprlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,6 +52,15 @@ MAX_CHUNK_BYTES = 64 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 MAX_HEADER_BYTES = 1 << 20
 MAX_TENSOR_DIMS = 8
+# Every dim is below this, and the product of the dims (zero dims counted as one) is at most
+# MAX_TENSOR_ELEMENTS, so no stride or size computation can overflow int64 even for empty tensors.
+MAX_TENSOR_DIM = (1 << 31) - 1
+MAX_TENSOR_ELEMENTS = 1 << 40
+# Header fields: ints fit int64, text and collections are bounded (the header itself is at most
+# MAX_HEADER_BYTES; these bound what one field may hold).
+MIN_INT, MAX_INT = -(1 << 63), (1 << 63) - 1
+MAX_TEXT_CHARS = 64 << 10
+MAX_ITEMS = 1 << 16
 
 DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -158,7 +172,10 @@ def check_chunk_bytes(chunk_bytes: int) -> int:
 def _check_value(cls_name: str, name: str, spec: object, value: object) -> None:
     """Encoder-side type check: refuse anything the decoder would refuse."""
     if not _matches(spec, value):
-        raise TypeError(f"{cls_name}.{name}: {type(value).__name__} does not fit field type {spec!r}")
+        raise TypeError(
+            f"{cls_name}.{name}: {_short(value)} does not fit field type {spec!r} (ints fit int64, floats are "
+            f"finite, text has at most {MAX_TEXT_CHARS} chars, lists and maps at most {MAX_ITEMS} entries)"
+        )
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
@@ -203,17 +220,33 @@ def encode(message: Message, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[
 # ---- decode ---------------------------------------------------------------------------------
 
 
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 80
+_repr.maxlevel = 3
+
+
+def _short(value: object) -> str:
+    """A bounded repr of a peer-supplied value for error messages (cheap at any size or depth)."""
+    return _repr.repr(value)
+
+
 def _matches(spec: object, value: object) -> bool:
     if spec is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, int) and not isinstance(value, bool) and MIN_INT <= value <= MAX_INT
     if spec is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if spec is str or spec is bool:
-        return isinstance(value, spec)
+        return _matches(int, value) or (isinstance(value, float) and math.isfinite(value))
+    if spec is str:
+        return isinstance(value, str) and len(value) <= MAX_TEXT_CHARS
+    if spec is bool:
+        return isinstance(value, bool)
     if isinstance(spec, tuple) and spec[0] is list:
-        return isinstance(value, list) and all(_matches(spec[1], v) for v in value)
+        return isinstance(value, list) and len(value) <= MAX_ITEMS and all(_matches(spec[1], v) for v in value)
     if isinstance(spec, tuple) and spec[0] is dict:
-        return isinstance(value, dict) and all(_matches(spec[1], k) and _matches(spec[2], v) for k, v in value.items())
+        return (
+            isinstance(value, dict)
+            and len(value) <= MAX_ITEMS
+            and all(_matches(spec[1], k) and _matches(spec[2], v) for k, v in value.items())
+        )
     raise AssertionError(f"unknown field spec {spec!r}")
 
 
@@ -253,19 +286,120 @@ def _buffer(frame: Any) -> memoryview:
 
 def _parse_descriptor(raw: object, tensor_fields: set[str]) -> tuple[str, torch.dtype, tuple[int, ...], int]:
     if not (isinstance(raw, list) and len(raw) == 4):
-        raise ProtocolError(f"tensor descriptor must be [name, dtype, shape, n_frames], got {raw!r:.200}")
+        raise ProtocolError(f"tensor descriptor must be [name, dtype, shape, n_frames], got {_short(raw)}")
     name, dtype_name, shape, n_frames = raw
     if not isinstance(name, str) or name not in tensor_fields:
-        raise ProtocolError(f"unexpected tensor {name!r:.100}")
+        raise ProtocolError(f"unexpected tensor {_short(name)}")
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-        raise ProtocolError(f"tensor {name}: dtype {dtype_name!r:.50} is not one the protocol carries")
+        raise ProtocolError(f"tensor {name}: dtype {_short(dtype_name)} is not one the protocol carries")
     if not (
-        isinstance(shape, list) and len(shape) <= MAX_TENSOR_DIMS and all(_matches(int, d) and d >= 0 for d in shape)
+        isinstance(shape, list)
+        and len(shape) <= MAX_TENSOR_DIMS
+        and all(_matches(int, d) and 0 <= d <= MAX_TENSOR_DIM for d in shape)
     ):
-        raise ProtocolError(f"tensor {name}: bad shape {shape!r:.200}")
-    if not (_matches(int, n_frames) and n_frames >= 0):
-        raise ProtocolError(f"tensor {name}: bad frame count {n_frames!r:.50}")
-    return name, DTYPES[dtype_name], tuple(shape), n_frames
+        raise ProtocolError(
+            f"tensor {name}: bad shape {_short(shape)} (at most {MAX_TENSOR_DIMS} dims, each in [0, {MAX_TENSOR_DIM}])"
+        )
+    if math.prod(max(d, 1) for d in shape) > MAX_TENSOR_ELEMENTS:
+        raise ProtocolError(f"tensor {name}: shape {shape} exceeds {MAX_TENSOR_ELEMENTS} elements")
+    dtype = DTYPES[dtype_name]
+    nbytes = math.prod(shape) * dtype.itemsize
+    # The encoder's frames hold at least MIN_CHUNK_BYTES each but the last, and none is empty.
+    most_frames = -(-nbytes // MIN_CHUNK_BYTES)
+    if not (_matches(int, n_frames) and (n_frames > 0) == (nbytes > 0) and 0 <= n_frames <= most_frames):
+        raise ProtocolError(
+            f"tensor {name}: bad frame count {_short(n_frames)} for {nbytes} bytes (at most {most_frames})"
+        )
+    return name, dtype, tuple(shape), n_frames
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """A validated header: the message class, its scalar fields, and each tensor's
+    ``(name, dtype, shape, n_frames)`` with its byte size."""
+
+    cls: type[Message]
+    fields: dict[str, Any]
+    tensors: list[tuple[str, torch.dtype, tuple[int, ...], int]]
+    sizes: list[int]
+
+    @property
+    def num_frames(self) -> int:
+        """Data frames the header announces (after the kind and header frames)."""
+        return sum(t[3] for t in self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        """Tensor bytes the header announces."""
+        return sum(self.sizes)
+
+
+def _version_text(value: object) -> object:
+    # The version is echoed in error messages and refusals sent back to the peer: keep it small.
+    if _matches(int, value) or (isinstance(value, str) and len(value) <= 32):
+        return value
+    return f"<{type(value).__name__}>"
+
+
+def read_header(kind_frame: Any, header_frame: Any, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Header:
+    """Validate a message's kind and header frames, without its data frames: field types and
+    bounds, tensor descriptors, and the announced tensor bytes against ``max_message_bytes``.
+    Raises ProtocolError (only)."""
+    kind = _buffer(kind_frame)
+    if len(kind) != 1:
+        raise ProtocolError(f"kind frame must be 1 byte, got {len(kind)}")
+    cls = MESSAGE_TYPES.get(kind[0])
+    if cls is None:
+        raise ProtocolError(f"unknown message kind {kind[0]}")
+    raw_header = _buffer(header_frame)
+    if len(raw_header) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw_header)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(
+            raw_header,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=4 * MAX_TEXT_CHARS,  # utf-8 bytes; the char count is checked per field
+            max_bin_len=0,
+            max_ext_len=0,
+            max_array_len=MAX_ITEMS,
+            max_map_len=MAX_ITEMS,
+        )
+    except Exception as e:  # msgpack raises a zoo of types for bad input; all mean the same here
+        raise ProtocolError(f"{cls.__name__}: header is not valid msgpack ({type(e).__name__}: {_short(e)})") from e
+    if not isinstance(header, dict):
+        raise ProtocolError(f"{cls.__name__}: header must be a map, got {type(header).__name__}")
+    if not _matches(int, header.get("v")) or header["v"] != PROTOCOL_VERSION:
+        raise ProtocolVersionError(_version_text(header.get("v")))
+    if set(header) != {"v", "f", "t"} or not isinstance(header["f"], dict) or not isinstance(header["t"], list):
+        raise ProtocolError(f"{cls.__name__}: header must hold exactly v, f (map) and t (list)")
+
+    spec = schema(cls)
+    scalar_specs = {k: s for k, s in spec.items() if s is not TENSOR}
+    tensor_fields = {k for k, s in spec.items() if s is TENSOR}
+    fields: dict[str, Any] = header["f"]
+    if set(fields) != set(scalar_specs):
+        raise ProtocolError(
+            f"{cls.__name__}: header fields {_short(sorted(map(str, fields)))} != expected {sorted(scalar_specs)}"
+        )
+    for name, field_spec in scalar_specs.items():
+        if not _matches(field_spec, fields[name]):
+            raise ProtocolError(f"{cls.__name__}.{name}: {_short(fields[name])} does not fit {field_spec!r}")
+        if field_spec is float:
+            fields[name] = float(fields[name])
+
+    if len(header["t"]) != len(tensor_fields):
+        raise ProtocolError(f"{cls.__name__}: {len(header['t'])} tensor descriptors, expected {len(tensor_fields)}")
+    descriptors = [_parse_descriptor(d, tensor_fields) for d in header["t"]]
+    if sorted(d[0] for d in descriptors) != sorted(tensor_fields):
+        raise ProtocolError(
+            f"{cls.__name__}: tensors {[d[0] for d in descriptors]} != expected {sorted(tensor_fields)}"
+        )
+    sizes = [math.prod(shape) * dtype.itemsize for _, dtype, shape, _ in descriptors]
+    if sum(sizes) > max_message_bytes:
+        raise ProtocolError(f"{cls.__name__}: {sum(sizes)} tensor bytes exceed the limit of {max_message_bytes}")
+    return Header(cls=cls, fields=fields, tensors=descriptors, sizes=sizes)
 
 
 def decode(
@@ -288,52 +422,10 @@ def decode(
         )
     if len(frames) < 2:
         raise ProtocolError(f"a message has at least 2 frames (kind, header), got {len(frames)}")
-    kind = _buffer(frames[0])
-    if len(kind) != 1:
-        raise ProtocolError(f"kind frame must be 1 byte, got {len(kind)}")
-    cls = MESSAGE_TYPES.get(kind[0])
-    if cls is None:
-        raise ProtocolError(f"unknown message kind {kind[0]}")
-    raw_header = _buffer(frames[1])
-    if len(raw_header) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header of {len(raw_header)} bytes exceeds {MAX_HEADER_BYTES}")
-    try:
-        header = msgpack.unpackb(raw_header, raw=False, strict_map_key=True, use_list=True)
-    except Exception as e:  # msgpack raises a zoo of types for bad input; all mean the same here
-        raise ProtocolError(f"{cls.__name__}: header is not valid msgpack ({type(e).__name__}: {e})") from e
-    if not isinstance(header, dict):
-        raise ProtocolError(f"{cls.__name__}: header must be a map, got {type(header).__name__}")
-    if header.get("v") != PROTOCOL_VERSION:
-        raise ProtocolVersionError(header.get("v"))
-    if set(header) != {"v", "f", "t"} or not isinstance(header["f"], dict) or not isinstance(header["t"], list):
-        raise ProtocolError(f"{cls.__name__}: header must hold exactly v, f (map) and t (list)")
-
-    spec = schema(cls)
-    scalar_specs = {k: s for k, s in spec.items() if s is not TENSOR}
-    tensor_fields = {k for k, s in spec.items() if s is TENSOR}
-    fields: dict[str, Any] = header["f"]
-    if set(fields) != set(scalar_specs):
-        raise ProtocolError(
-            f"{cls.__name__}: header fields {sorted(map(str, fields))} != expected {sorted(scalar_specs)}"
-        )
-    for name, field_spec in scalar_specs.items():
-        if not _matches(field_spec, fields[name]):
-            raise ProtocolError(f"{cls.__name__}.{name}: {fields[name]!r:.100} does not fit {field_spec!r}")
-        if field_spec is float:
-            fields[name] = float(fields[name])
-
-    descriptors = [_parse_descriptor(d, tensor_fields) for d in header["t"]]
-    if sorted(d[0] for d in descriptors) != sorted(tensor_fields):
-        raise ProtocolError(
-            f"{cls.__name__}: tensors {[d[0] for d in descriptors]} != expected {sorted(tensor_fields)}"
-        )
-    sizes = [math.prod(shape) * dtype.itemsize for _, dtype, shape, _ in descriptors]
-    if sum(sizes) > max_message_bytes:
-        raise ProtocolError(f"{cls.__name__}: {sum(sizes)} tensor bytes exceed the limit of {max_message_bytes}")
-    if len(frames) != 2 + sum(d[3] for d in descriptors):
-        raise ProtocolError(
-            f"{cls.__name__}: header announces {sum(d[3] for d in descriptors)} data frames, got {len(frames) - 2}"
-        )
+    header = read_header(frames[0], frames[1], max_message_bytes=max_message_bytes)
+    cls, descriptors, sizes = header.cls, header.tensors, header.sizes
+    if len(frames) != 2 + header.num_frames:
+        raise ProtocolError(f"{cls.__name__}: header announces {header.num_frames} data frames, got {len(frames) - 2}")
 
     # Check every frame size before allocating or copying anything.
     buffers = [_buffer(f) for f in frames[2:]]
@@ -372,6 +464,11 @@ def decode(
         if dtype == torch.bool and dst is not None and bool((dst > 1).any()):
             raise ProtocolError(f"{cls.__name__}.{name}: bool tensor holds bytes other than 0/1")
         tensors[name] = out
-    message = cls(**fields, **tensors)
-    message.check()
+    try:
+        message = cls(**header.fields, **tensors)
+        message.check()
+    except ProtocolError:
+        raise
+    except Exception as e:  # a check() that trips over odd values: still the peer's fault
+        raise ProtocolError(f"{cls.__name__}: refused by its checks ({type(e).__name__}: {_short(e)})") from e
     return message

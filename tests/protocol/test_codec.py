@@ -10,6 +10,7 @@ import torch
 
 from protocol.codec import DEFAULT_CHUNK_BYTES, VIEW_MIN_BYTES, FramedTensor, all_finite, decode, encode
 from protocol.messages import (
+    PROTOCOL_VERSION,
     Delivered,
     EndOfStream,
     Error,
@@ -21,6 +22,7 @@ from protocol.messages import (
     ProtocolError,
     Sample,
     Welcome,
+    schema,
 )
 from tests.protocol.probe import Probe
 
@@ -38,6 +40,9 @@ def make_sample(num_tokens=16, num_layers=4, hidden=32, dtype=torch.bfloat16, sa
     )
 
 
+# Grants carry a lease token from protocol version 2 on; these tests run with or without it.
+GRANT_TOKEN = {"token": "lease-secret"} if "token" in schema(Grant) else {}
+
 CONTROL_MESSAGES = [
     Hello(
         producer_id="producer-0",
@@ -48,7 +53,7 @@ CONTROL_MESSAGES = [
         vocab_size=1000,
     ),
     Welcome(accepted=False, reason="layer ids differ", trainer_rank=1, data_endpoint="ipc:///tmp/x"),
-    Grant(lease_id=3, epoch=1, sample_ids=[5, 9, 2], deadline_s=30.0),
+    Grant(lease_id=3, epoch=1, sample_ids=[5, 9, 2], deadline_s=30.0, **GRANT_TOKEN),
     LeaseDone(lease_id=3, num_samples=3),
     LeaseFailed(lease_id=3, sample_ids=[9], reason="OOM"),
     Heartbeat(sender="producer-0", time_s=12.5, stats={"samples_per_s": 3.0, "gbps": 1}),
@@ -255,15 +260,16 @@ def test_encoder_refuses_unknown_types_and_dtypes():
     with pytest.raises(TypeError, match="dtype"):
         encode(bad)
     with pytest.raises(TypeError, match="does not fit"):
-        encode(Grant(lease_id="7", epoch=0, sample_ids=[1], deadline_s=1.0))  # type: ignore[arg-type]
+        encode(Grant(lease_id="7", epoch=0, sample_ids=[1], deadline_s=1.0, **GRANT_TOKEN))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="does not fit"):
-        encode(Grant(lease_id=True, epoch=0, sample_ids=[1], deadline_s=1.0))  # bool is not an int on the wire
+        # bool is not an int on the wire
+        encode(Grant(lease_id=True, epoch=0, sample_ids=[1], deadline_s=1.0, **GRANT_TOKEN))
 
 
 def test_header_is_plain_msgpack_with_version_fields_and_descriptors():
     header = msgpack.unpackb(encode(make_sample(num_tokens=3, hidden=8))[1])
-    assert header["v"] == 1
-    assert header["f"] == {"sample_id": 7, "epoch": 2, "lease_id": 11}
+    assert header["v"] == PROTOCOL_VERSION
+    assert {k: v for k, v in header["f"].items() if k != "token"} == {"sample_id": 7, "epoch": 2, "lease_id": 11}
     assert [d[0] for d in header["t"]] == ["token_ids", "loss_mask", "hidden_states"]
     assert header["t"][2][1:] == ["bfloat16", [3, 4, 8], 1]
 

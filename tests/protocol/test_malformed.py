@@ -8,7 +8,7 @@ import torch
 
 from protocol.codec import decode, encode
 from protocol.messages import Delivered, Grant, Heartbeat, Kind, ProtocolError, ProtocolVersionError
-from tests.protocol.test_codec import make_sample
+from tests.protocol.test_codec import GRANT_TOKEN, make_sample
 
 
 def sample_frames(chunk_bytes=4096):
@@ -141,7 +141,7 @@ def test_bool_tensor_with_non_boolean_bytes():
 
 
 def test_semantic_checks_run_on_decode():
-    frames = [bytes(f) for f in encode(Grant(lease_id=1, epoch=0, sample_ids=[1], deadline_s=1.0))]
+    frames = [bytes(f) for f in encode(Grant(lease_id=1, epoch=0, sample_ids=[1], deadline_s=1.0, **GRANT_TOKEN))]
     header = header_of(frames)
     header["f"]["sample_ids"] = []
     raises(with_header(frames, header), "no sample ids")

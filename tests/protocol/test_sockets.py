@@ -20,7 +20,7 @@ from protocol.sockets import (
     send_message,
     stop_authenticators,
 )
-from tests.protocol.test_codec import make_sample
+from tests.protocol.test_codec import GRANT_TOKEN, make_sample
 
 TIMEOUT_MS = 1500
 
@@ -75,7 +75,7 @@ def test_router_dealer_round_trip_keeps_the_route(ctx, tmp_path):
     assert router.poll(TIMEOUT_MS)
     route, received = recv_message(router, num_route_frames=1)
     assert route == [b"producer-0"] and received == hello
-    grant = Grant(lease_id=1, epoch=0, sample_ids=[4], deadline_s=5.0)
+    grant = Grant(lease_id=1, epoch=0, sample_ids=[4], deadline_s=5.0, **GRANT_TOKEN)
     send_message(router, grant, route=route)
     assert dealer.poll(TIMEOUT_MS)
     assert recv_message(dealer)[1] == grant
