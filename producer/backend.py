@@ -74,6 +74,7 @@ class PushJob(NamedTuple):
     destination: str
     epoch: int = 0
     lease_id: int = 0
+    token: str = ""  # the grant's token, echoed in the sample
 
 
 class PushResult(NamedTuple):

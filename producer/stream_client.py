@@ -51,6 +51,9 @@ from protocol.target import TargetSpec, sample_nbytes
 
 logger = logging.getLogger(__name__)
 
+SEND_POLL_SECONDS = 0.5  # a blocked data send checks for a stop request this often
+HELLOS_BEFORE_RECONNECT = 3  # unanswered hellos (2 s apart) before the control socket is recreated
+
 
 @dataclasses.dataclass(kw_only=True)
 class StreamClientConfig:
@@ -89,6 +92,7 @@ class _Rank:
     done: bool = False
     last_heard: float = 0.0
     last_hello: float = 0.0
+    hellos_unanswered: int = 0
 
 
 @dataclasses.dataclass
@@ -148,13 +152,7 @@ class StreamProducer:
             for base in self.config.connect:
                 for r in range(self.config.num_ranks):
                     control_endpoint, _ = rank_endpoints(base, r)
-                    sock = make_socket(
-                        ctx,
-                        zmq.DEALER,
-                        self.config.socket,
-                        connect=control_endpoint,
-                        identity=self.config.producer_id.encode(),
-                    )
+                    sock = self._control_socket(ctx, control_endpoint)
                     ranks.append(_Rank(name=f"{base}#{r}", control_endpoint=control_endpoint, control=sock))
             self._serve(ctx, ranks)
         finally:
@@ -170,6 +168,21 @@ class StreamProducer:
             ctx.term()
         return self.report
 
+    def _control_socket(self, ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+        # No fixed identity: the rank's ROUTER names each connection itself, so no other peer can
+        # claim (or squat) this producer's route. The producer id travels in the Hello.
+        return make_socket(ctx, zmq.DEALER, self.config.socket, connect=endpoint)
+
+    def _reconnect(self, ctx: zmq.Context, poller: zmq.Poller, rank: _Rank) -> None:
+        """Our hellos go unanswered: the route may be dead (a half-open pipe, a rank that lost
+        it). A new socket is a new connection with a new route."""
+        logger.warning("rank %s answers no hello; reconnecting", rank.name)
+        poller.unregister(rank.control)
+        rank.control.close(linger=0)
+        rank.control = self._control_socket(ctx, rank.control_endpoint)
+        poller.register(rank.control, zmq.POLLIN)
+        rank.hellos_unanswered = 0
+
     def _serve(self, ctx: zmq.Context, ranks: list[_Rank]) -> None:
         started = time.monotonic()
         poller = zmq.Poller()
@@ -184,9 +197,12 @@ class StreamProducer:
                     logger.warning("rank %s silent for %.0fs; saying hello again", rank.name, now - rank.last_heard)
                     self._forget(rank)
                 if not rank.welcomed and not rank.refused and not rank.done and now - rank.last_hello > 2.0:
+                    if rank.hellos_unanswered >= HELLOS_BEFORE_RECONNECT:
+                        self._reconnect(ctx, poller, rank)
                     if _writable(rank.control):
                         send_message(rank.control, self.hello, flags=zmq.NOBLOCK)
                     rank.last_hello = now
+                    rank.hellos_unanswered += 1
             if all(rank.done or rank.refused for rank in ranks):
                 refused = [r for r in ranks if r.refused]
                 if refused and len(refused) == len(ranks):
@@ -245,6 +261,7 @@ class StreamProducer:
 
     def _on_control(self, ctx: zmq.Context, rank: _Rank, message) -> None:
         rank.last_heard = time.monotonic()
+        rank.hellos_unanswered = 0
         if isinstance(message, Welcome):
             if not message.accepted:
                 rank.refused = message.reason
@@ -253,7 +270,7 @@ class StreamProducer:
             rank.data_endpoint = message.data_endpoint
             if rank.data is None and not self._pushing:
                 rank.data = make_socket(ctx, zmq.PUSH, self.config.socket, connect=message.data_endpoint)
-                rank.data.setsockopt(zmq.SNDTIMEO, int(self.config.send_timeout_seconds * 1000))
+                rank.data.setsockopt(zmq.SNDTIMEO, int(SEND_POLL_SECONDS * 1000))
             rank.welcomed = True
             logger.info("rank %s welcomed us; data -> %s", rank.name, message.data_endpoint)
         elif isinstance(message, Grant):
@@ -293,7 +310,11 @@ class StreamProducer:
                 for (work, row), sample in zip(rows, captured, strict=True):
                     if sample.sample_id != row.sample_id:
                         raise RuntimeError(f"backend returned row {sample.sample_id} where row {row.sample_id} was due")
-                    sample.epoch, sample.lease_id = work.grant.epoch, work.grant.lease_id
+                    sample.epoch, sample.lease_id, sample.token = (
+                        work.grant.epoch,
+                        work.grant.lease_id,
+                        work.grant.token,
+                    )
                     self._push(work, sample)
         except Exception as e:
             for work in {id(w): w for w, _ in rows}.values():
@@ -319,14 +340,23 @@ class StreamProducer:
         rank = work.rank
         if not rank.welcomed or rank.data is None:
             return
-        try:
-            send_message(rank.data, sample, chunk_bytes=self.config.chunk_bytes)
-        except zmq.Again:
-            logger.warning(
-                "rank %s took no data for %.0fs; dropping its work", rank.name, self.config.send_timeout_seconds
-            )
-            self._forget(rank)
-            return
+        # Blocking sends in short slices: a full pipe is back-pressure from a busy rank (wait), but
+        # a stop request or --send-timeout of silence ends the wait.
+        waited = 0.0
+        while True:
+            try:
+                send_message(rank.data, sample, chunk_bytes=self.config.chunk_bytes)
+                break
+            except zmq.Again:
+                waited += SEND_POLL_SECONDS
+                if self.stop.is_set():
+                    return
+                if waited >= self.config.send_timeout_seconds:
+                    logger.warning(
+                        "rank %s took no data for %.0fs; dropping its work", rank.name, self.config.send_timeout_seconds
+                    )
+                    self._forget(rank)
+                    return
         work.sent += 1
         self.report.samples += 1
         self.report.bytes += sample.nbytes
@@ -347,7 +377,13 @@ class StreamProducer:
     def _submit(self, rows: list[tuple[_Work, CaptureRow]]) -> None:
         """Hand rows to the engine; their results come back through ``_on_results``."""
         jobs = [
-            PushJob(row=row, destination=work.rank.data_endpoint, epoch=work.grant.epoch, lease_id=work.grant.lease_id)
+            PushJob(
+                row=row,
+                destination=work.rank.data_endpoint,
+                epoch=work.grant.epoch,
+                lease_id=work.grant.lease_id,
+                token=work.grant.token,
+            )
             for work, row in rows
         ]
         for ticket, (work, row) in zip(self.backend.submit(jobs), rows, strict=True):

@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import torch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: grants carry a token that their samples must echo
 
 
 class ProtocolError(ValueError):
@@ -103,13 +103,17 @@ class Welcome(Message):
 @_register
 @dataclasses.dataclass(kw_only=True)
 class Grant(Message):
-    """Trainer -> producer: a lease on some sample ids, to be delivered within ``deadline_s``."""
+    """Trainer -> producer: a lease on some sample ids, to be delivered within ``deadline_s``.
+
+    ``token`` is the lease's secret (random per lease): the rank accepts a sample only if it
+    carries the token of a live lease on its key, so no other peer can answer a grant."""
 
     KIND: ClassVar[Kind] = Kind.GRANT
     lease_id: int
     epoch: int
     sample_ids: list[int]
     deadline_s: float
+    token: str = ""
 
     def check(self) -> None:
         if not self.sample_ids:
@@ -121,12 +125,15 @@ class Grant(Message):
 @_register
 @dataclasses.dataclass(kw_only=True, eq=False)
 class Sample(Message):
-    """One row's hidden states: ``token_ids`` [T] int64, ``loss_mask`` [T], ``hidden_states`` [T, L, H]."""
+    """One row's hidden states: ``token_ids`` [T] int64, ``loss_mask`` [T], ``hidden_states`` [T, L, H].
+
+    ``token`` echoes the ``Grant`` this sample answers ("" outside streaming: files, benchmarks)."""
 
     KIND: ClassVar[Kind] = Kind.SAMPLE
     sample_id: int
     epoch: int
     lease_id: int
+    token: str = ""
     token_ids: torch.Tensor
     loss_mask: torch.Tensor
     hidden_states: torch.Tensor

@@ -98,26 +98,33 @@ class TargetSpec:
     def from_hello(cls, hello: Hello) -> TargetSpec:
         return cls(**{f.name: getattr(hello, f.name) for f in dataclasses.fields(cls)})
 
-    def mismatch(self, other: TargetSpec) -> str:
-        """Why ``other`` (a producer's) does not fit this one (a trainer's): "" if it does."""
+    def mismatches(self, other: TargetSpec) -> list[tuple[str, str]]:
+        """``(field, why)`` for each way ``other`` (a producer's) does not fit this one (a
+        trainer's). ``field`` names the setting and reveals nothing; ``why`` shows both values.
+        A trainer that knows its dataset's fingerprint refuses a producer that does not say one."""
         problems = []
         if model_name(other.target_model) != model_name(self.target_model):
-            problems.append(f"target model {other.target_model!r} != {self.target_model!r}")
+            problems.append(("target model", f"target model {other.target_model!r} != {self.target_model!r}"))
         if list(other.layer_ids) != list(self.layer_ids):
-            problems.append(f"layer ids {other.layer_ids} != {self.layer_ids} (--target-layer-ids)")
+            problems.append(("layer ids", f"layer ids {other.layer_ids} != {self.layer_ids} (--target-layer-ids)"))
         if other.hidden_size != self.hidden_size:
-            problems.append(f"hidden size {other.hidden_size} != {self.hidden_size}")
+            problems.append(("hidden size", f"hidden size {other.hidden_size} != {self.hidden_size}"))
         if other.dtype != self.dtype:
-            problems.append(f"dtype {other.dtype} != {self.dtype}")
+            problems.append(("dtype", f"dtype {other.dtype} != {self.dtype}"))
         if other.vocab_size != self.vocab_size:
-            problems.append(f"vocab size {other.vocab_size} != {self.vocab_size}")
-        if (
-            other.dataset_fingerprint
-            and self.dataset_fingerprint
-            and other.dataset_fingerprint != self.dataset_fingerprint
-        ):
-            problems.append(f"prepared dataset {other.dataset_fingerprint} != {self.dataset_fingerprint} (--data)")
-        return "; ".join(problems)
+            problems.append(("vocab size", f"vocab size {other.vocab_size} != {self.vocab_size}"))
+        if self.dataset_fingerprint and other.dataset_fingerprint != self.dataset_fingerprint:
+            problems.append(
+                (
+                    "dataset fingerprint",
+                    f"prepared dataset {other.dataset_fingerprint or '(none given)'} != {self.dataset_fingerprint} (--data)",
+                )
+            )
+        return problems
+
+    def mismatch(self, other: TargetSpec) -> str:
+        """Why ``other`` (a producer's) does not fit this one (a trainer's): "" if it does."""
+        return "; ".join(why for _, why in self.mismatches(other))
 
 
 def checkpoint_dtype(text: dict) -> str:

@@ -199,6 +199,7 @@ class VLLMBackend:
                 sample_id=int(job.row.sample_id),
                 epoch=job.epoch,
                 lease_id=job.lease_id,
+                token=job.token,
                 destination=job.destination,
                 num_tokens=len(ids),
                 loss_mask_spans=loss_mask_spans(job.row.loss_mask),

@@ -68,6 +68,7 @@ class SampleRoute:
     sample_id: int
     epoch: int = 0
     lease_id: int = 0
+    token: str = ""  # the grant's token, echoed in the sample so the trainer accepts it
     destination: str
     num_tokens: int  # the row's length: the connector checks the prompt against it
     loss_mask_spans: list[list[int]] = dataclasses.field(default_factory=list)
@@ -92,6 +93,8 @@ class SampleRoute:
                     f"loss_mask_spans must be ordered, disjoint [start, end) pairs within {self.num_tokens} tokens, got {span!r}"
                 )
             previous_end = span[1]
+        if not isinstance(self.token, str) or len(self.token) > 128:
+            raise ValueError(f"kv_transfer_params[{PARAMS_KEY!r}].token must be a short string")
 
     @property
     def is_spill(self) -> bool:

@@ -274,6 +274,7 @@ class HSSender:
                     sample_id=route.sample_id,
                     epoch=route.epoch,
                     lease_id=route.lease_id,
+                    token=route.token,
                     token_ids=job.token_ids,
                     loss_mask=route.loss_mask(),
                     hidden_states=hidden_TLH,

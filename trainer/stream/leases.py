@@ -1,16 +1,16 @@
 """Work leases: which producer owes which samples, until when, and what to grant again.
 
 A trainer rank needs a known list of samples, keyed ``(epoch, sample_id)``, in plan order. It
-hands them out as *leases*: a lease names a producer, some keys and a deadline. A key is in
-exactly one of three states:
+hands them out as *leases*: a lease names a producer, some keys, a deadline and a secret token. A
+key is in exactly one of three states:
 
-    pending  --grant-->  outstanding  --first arrival-->  received
+    pending  --grant-->  outstanding  --accepted arrival-->  received
        ^                      |
        +-- expiry / failure / producer lost --+
 
-- The first arrival of a key wins, whichever lease it came on: a sample re-granted after an expiry
-  may still arrive from the original (slow, not dead) producer first, and it is the same tensor.
-  Every later arrival of that key is a duplicate and is dropped (the caller counts it).
+- A sample is accepted only if it answers the live lease that holds its key, carrying that lease's
+  token (``admit``): a peer that was never granted the key cannot fill it, and a lease that expired
+  or failed is void (its late copies are dropped; the key was or will be granted again).
 - Keys that return to pending go back in their plan position, ahead of every key never granted:
   they are the oldest, so the trainer is most likely waiting on them.
 - Nothing here blocks or touches sockets; the stream source calls it from its IO thread.
@@ -21,7 +21,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import heapq
+import hmac
 import itertools
+import secrets
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
 
@@ -36,6 +38,7 @@ class Lease:
     sample_ids: tuple[int, ...]
     deadline: float
     outstanding: set[int]
+    token: str = dataclasses.field(default_factory=lambda: secrets.token_hex(16), repr=False)
 
 
 class LeaseTable:
@@ -61,7 +64,6 @@ class LeaseTable:
         self._leases: dict[int, Lease] = {}
         self._ids = itertools.count(1)
         self.num_expired = 0
-        self.num_duplicates = 0
 
     # ---- needs ------------------------------------------------------------------------------
 
@@ -98,6 +100,20 @@ class LeaseTable:
     def is_needed(self, key: Key) -> bool:
         return key in self._pending_set or key in self._owner
 
+    def admit(self, key: Key, lease_id: int, token: str) -> str:
+        """Why a sample for ``key`` on ``lease_id`` with ``token`` must be dropped ("" if it answers
+        the live lease holding its key). Changes nothing: ``on_sample`` records the arrival."""
+        owner = self._owner.get(key)
+        if owner is None:
+            if key in self._received:
+                return "duplicate"
+            return "not granted" if key in self._pending_set else "not needed"
+        if owner != lease_id:
+            return "not its lease"
+        if not hmac.compare_digest(self._leases[owner].token.encode(), token.encode("utf-8", "replace")):
+            return "bad token"
+        return ""
+
     def _pending_in_order(self) -> Iterator[Key]:
         for _, key in sorted(self._returned):
             if key in self._pending_set:
@@ -112,10 +128,18 @@ class LeaseTable:
 
     # ---- transitions ------------------------------------------------------------------------
 
-    def take(self, producer: Hashable, limit: int, fits: Callable[[Key], bool] = lambda key: True) -> Lease | None:
-        """Lease up to ``limit`` keys from the head of the pending order to ``producer``: one epoch
-        per lease, stopping at the first key for which ``fits`` says no (the caller reserves
-        buffer credit there). None when nothing was taken."""
+    def take(
+        self,
+        producer: Hashable,
+        limit: int,
+        fits: Callable[[Key], bool] = lambda key: True,
+        *,
+        seconds: float | None = None,
+    ) -> Lease | None:
+        """Lease up to ``limit`` keys from the head of the pending order to ``producer``, due in
+        ``seconds`` (default ``lease_seconds``): one epoch per lease, stopping at the first key
+        for which ``fits`` says no (the caller reserves buffer credit there). None when nothing
+        was taken."""
         taken: list[Key] = []
         for key in self._pending_in_order():
             if len(taken) == limit or (taken and key[0] != taken[0][0]) or not fits(key):
@@ -132,7 +156,7 @@ class LeaseTable:
             producer=producer,
             epoch=taken[0][0],
             sample_ids=tuple(sid for _, sid in taken),
-            deadline=self._clock() + self.lease_seconds,
+            deadline=self._clock() + (self.lease_seconds if seconds is None else seconds),
             outstanding={sid for _, sid in taken},
         )
         self._leases[lease.lease_id] = lease
@@ -140,22 +164,15 @@ class LeaseTable:
             self._owner[key] = lease.lease_id
         return lease
 
-    def on_sample(self, epoch: int, sample_id: int) -> bool:
-        """A sample arrived. True if it is the first copy of a needed key (keep it), else False."""
+    def on_sample(self, epoch: int, sample_id: int) -> Lease:
+        """An admitted sample (see ``admit``) is kept: its key is received. Returns its lease."""
         key = (epoch, sample_id)
-        if not self.is_needed(key):
-            self.num_duplicates += 1
-            return False
-        lease_id = self._owner.pop(key, None)
-        if lease_id is not None:
-            lease = self._leases[lease_id]
-            lease.outstanding.discard(sample_id)
-            if not lease.outstanding:
-                del self._leases[lease_id]
-        else:  # back in the queue after an expiry, and the old producer delivered after all
-            self._pending_set.discard(key)
+        lease = self._leases[self._owner.pop(key)]
+        lease.outstanding.discard(sample_id)
+        if not lease.outstanding:
+            del self._leases[lease.lease_id]
         self._received.add(key)
-        return True
+        return lease
 
     def _return(self, lease: Lease, sample_ids: Iterable[int]) -> list[Key]:
         returned = []
@@ -174,11 +191,17 @@ class LeaseTable:
             heapq.heapify(self._returned)
         return returned
 
-    def fail(self, lease_id: int, sample_ids: Iterable[int] | None = None) -> list[Key]:
-        """The producer gave up (some of) a lease; its keys go back to pending."""
+    def fail(
+        self, lease_id: int, sample_ids: Iterable[int] | None = None, *, producer: Hashable | None = None
+    ) -> list[Key] | None:
+        """The producer gave up (some of) a lease, or the rank refused what it sent: those keys go
+        back to pending. With ``producer``, only that lease's holder may do this: None if another
+        producer holds it (nothing changes)."""
         lease = self._leases.get(lease_id)
         if lease is None:
             return []
+        if producer is not None and lease.producer != producer:
+            return None
         return self._return(lease, sorted(lease.outstanding) if sample_ids is None else sample_ids)
 
     def producer_lost(self, producer: Hashable) -> list[Key]:
@@ -188,14 +211,17 @@ class LeaseTable:
             returned += self._return(lease, sorted(lease.outstanding))
         return returned
 
-    def expire(self) -> list[Key]:
-        """Leases past their deadline give their outstanding keys back to pending."""
+    def expire(self) -> list[Lease]:
+        """Leases past their deadline give their outstanding keys back to pending; returns them."""
         now = self._clock()
-        returned: list[Key] = []
-        for lease in [lease for lease in self._leases.values() if lease.deadline <= now]:
+        expired = [lease for lease in self._leases.values() if lease.deadline <= now]
+        for lease in expired:
             self.num_expired += 1
-            returned += self._return(lease, sorted(lease.outstanding))
-        return returned
+            self._return(lease, sorted(lease.outstanding))
+        return expired
 
     def outstanding_for(self, producer: Hashable) -> int:
         return sum(len(lease.outstanding) for lease in self._leases.values() if lease.producer == producer)
+
+    def leases_of(self, producer: Hashable) -> int:
+        return sum(1 for lease in self._leases.values() if lease.producer == producer)

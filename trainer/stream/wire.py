@@ -2,9 +2,23 @@
 producers table and the lease table, and is the only one that puts samples into the replay buffer.
 
 Each pass of ``_loop``: the loop's commands (``need``, ``consumed``, ``close``) from the queue;
-data frames (``_on_data``: decode -> ``_verify`` -> reserve room -> ``ReplayBuffer.put``); control
-messages (``_on_control``: handshake, lease failures, goodbyes); then ``_tick`` (expired leases,
-silent producers, heartbeats) and ``_grant`` (leases as far ahead as the buffer's credit allows).
+data frames (``_on_data``: bounded receive -> decode -> ``admit`` (the grant's token) ->
+``_verify`` -> ``ReplayBuffer.put``); control messages (``_on_control``: handshake, lease
+failures, goodbyes); then ``_tick`` (expired leases, silent producers, heartbeats) and ``_grant``
+(leases as far ahead as the buffer's credit allows).
+
+Every peer is assumed hostile until it proves otherwise:
+- Receiving is bounded (``recv_bounded``): a message larger than its header says, than its kind
+  allows, or than ``max_message_bytes`` is drained and dropped frame by frame.
+- A sample counts only if it carries the token of the live lease holding its key. Everything else
+  is dropped and counted by reason (``dropped_*`` in ``snapshot``), with rate-limited log lines.
+- A lease holder that sends a sample that does not fit its row (tokens, loss mask, shape, dtype)
+  or holds NaN/Inf loses that key, which is granted again; only a key that fails the same way
+  again (the target itself produces NaN, say) meets the --skip-nonfinite policy or stops training.
+- Producers earn their share: a new producer is on probation (one sample, a short deadline); one
+  that lets a lease expire goes back on probation and waits, twice as long after each expiry,
+  before its next grant. The rank serves at most ``MAX_PRODUCERS`` producers.
+- Text from peers reaches the log escaped, length-capped and rate-limited.
 
 The loop side (``trainer.stream.source``) calls only ``start``, ``need``, ``consumed``, ``stop`` and
 ``snapshot``, and reads ``error``: an exception on this thread is kept there, and the buffer is
@@ -20,7 +34,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 import zmq
@@ -28,6 +41,7 @@ import zmq
 from protocol.allocator import keep_freed_frames
 from protocol.codec import DTYPES, all_finite, decode
 from protocol.hsfile import write_hs_file
+from protocol.logs import RateLimitedLog, peer_text
 from protocol.messages import (
     EndOfStream,
     Error,
@@ -40,15 +54,28 @@ from protocol.messages import (
     ProtocolVersionError,
     Sample,
 )
-from protocol.sockets import make_socket, rank_endpoints, recv_frames, send_message
+from protocol.sockets import make_socket, rank_endpoints, recv_bounded, send_message
 from protocol.target import TargetSpec
 from trainer.data.batch import TrainSample
 from trainer.stream.config import StreamConfig
-from trainer.stream.handshake import advertised_data_endpoint, hello_mismatch, refusal, version_refusal, welcome
+from trainer.stream.handshake import (
+    advertised_data_endpoint,
+    hello_problems,
+    refusal,
+    refusal_reason,
+    version_refusal,
+    welcome,
+)
 from trainer.stream.leases import Key, LeaseTable
 from trainer.stream.replay import Nonfinite, ReplayBuffer
 
 logger = logging.getLogger(__name__)
+
+MAX_PRODUCERS = 256  # producers one rank serves at once; more are refused
+PROBATION_SECONDS = 15.0  # deadline of a producer's leases until it has delivered (capped by --lease-seconds)
+MAX_BACKOFF_SECONDS = 300.0  # longest wait imposed on a producer whose leases keep expiring
+MAX_STRIKES_PER_KEY = 3  # a key refused this often from lease holders is a data problem, not a peer's
+CONTROL_MESSAGE_BYTES = 1 << 20  # largest control message a rank reads
 
 
 @dataclasses.dataclass
@@ -56,13 +83,21 @@ class _Producer:
     route: bytes
     producer_id: str
     last_seen: float
+    delivered: int = 0  # samples accepted since its last expiry: 0 = on probation
+    expiries: int = 0  # leases expired in a row
+    backoff_until: float = 0.0  # no grants before this time
+    last_granted: float = 0.0
+
+    @property
+    def on_probation(self) -> bool:
+        return self.delivered == 0
 
 
-def _drain(sock: zmq.Socket, handle: Callable[[list], None], limit: int = 64) -> None:
+def _drain(receive: Callable[[], list], handle: Callable[[list], None], limit: int = 64) -> None:
     """Handle up to ``limit`` waiting messages, so neither socket starves the other."""
     for _ in range(limit):
         try:
-            frames = recv_frames(sock, flags=zmq.NOBLOCK)
+            frames = receive()
         except zmq.Again:
             return
         handle(frames)
@@ -79,18 +114,20 @@ class StreamIO:
         *,
         lengths: Callable[[int], int],
         nbytes: Callable[[int], int],
-        expected_tokens: Callable[[int], torch.Tensor] | None = None,
+        expected_row: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         self.config = config
         self.target = target
         self.buffer = buffer
         self._length_of = lengths
         self._nbytes = nbytes
-        self._expected_tokens = expected_tokens
+        self._expected_row = expected_row  # (token ids, loss mask) of a prepared row
         self._dtype = DTYPES[target.dtype]
         self.leases = LeaseTable(lease_seconds=config.lease_seconds)
         self.producers: dict[bytes, _Producer] = {}
         self.stats = collections.Counter()
+        self._log = RateLimitedLog(logger)
+        self._strikes: collections.Counter[Key] = collections.Counter()  # refusals per key from lease holders
         self.error: BaseException | None = None
         self.control_endpoint, self.data_endpoint = rank_endpoints(config.endpoint, config.rank)
         self._uses: dict[Key, int] = {}  # planned uses left of every scheduled key
@@ -104,8 +141,6 @@ class StreamIO:
 
     def start(self, timeout: float) -> None:
         """Bind both sockets on the IO thread; TimeoutError if they are not up in ``timeout``."""
-        if self.control_endpoint.startswith("ipc://"):
-            Path(self.control_endpoint[len("ipc://") :]).parent.mkdir(parents=True, exist_ok=True)
         self._thread.start()
         if not self._ready.wait(timeout):
             raise TimeoutError("stream sockets did not come up")
@@ -130,11 +165,14 @@ class StreamIO:
             "stored_bytes": float(self.buffer.stored_bytes),
             "samples_in": float(self.stats["samples"]),
             "bytes_in": float(self.stats["bytes"]),
-            "duplicates": float(self.leases.num_duplicates),
+            "duplicates": float(self.stats["dropped_duplicate"]),
+            "dropped_samples": float(sum(v for k, v in self.stats.items() if k.startswith("dropped_"))),
+            "refused_samples": float(self.stats["refused_samples"]),
             "leases_outstanding": float(len(self.leases.leases)),
             "leases_expired": float(self.leases.num_expired),
             "bad_messages": float(self.stats["bad_messages"]),
             "producers": float(len(self.producers)),
+            **{k: float(v) for k, v in self.stats.items() if k.startswith("dropped_")},
         }
 
     # ---- the thread -------------------------------------------------------------------------------
@@ -144,7 +182,7 @@ class StreamIO:
         control = data = None
         try:
             control = make_socket(ctx, zmq.ROUTER, self.config.socket, bind=self.control_endpoint)
-            control.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted producer takes over its identity
+            # No ROUTER_HANDOVER: a route belongs to one connection, which nobody can take over.
             control.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished producer raises
             data = make_socket(ctx, zmq.PULL, self.config.socket, bind=self.data_endpoint)
             self._ready.set()
@@ -176,9 +214,9 @@ class StreamIO:
                     return
                 self._command(command)
             if data in events:
-                _drain(data, self._on_data)
+                _drain(lambda: self._receive(data, route_frames=0), self._on_data)
             if control in events:
-                _drain(control, lambda frames: self._on_control(control, frames))
+                _drain(lambda: self._receive(control, route_frames=1), lambda frames: self._on_control(control, frames))
             now = time.monotonic()
             if now - last_tick > 0.1:
                 last_tick = now
@@ -208,38 +246,63 @@ class StreamIO:
 
     # ---- data: frames -> verify -> buffer -------------------------------------------------------
 
+    def _receive(self, sock: zmq.Socket, *, route_frames: int) -> list:
+        """One message's frames, or [] if it broke a bound (drained and counted); zmq.Again if none.
+        A control message in another protocol version is answered with a refusal saying so."""
+        limit = self.config.socket.max_message_bytes if route_frames == 0 else CONTROL_MESSAGE_BYTES
+        try:
+            return recv_bounded(sock, route_frames=route_frames, max_message_bytes=limit, flags=zmq.NOBLOCK)
+        except ProtocolError as e:
+            self.stats["bad_messages"] += 1
+            socket_name = "control" if route_frames else "data"
+            if isinstance(e, ProtocolVersionError) and route_frames and getattr(e, "route", None):
+                self._send_raw(sock, e.route[0], version_refusal(self.config.rank, e))
+            self._log.warning(
+                ("refused", socket_name), "dropped a message on the %s socket: %s", socket_name, peer_text(str(e))
+            )
+            return []
+
+    def _drop(self, reason: str, key: Key, detail: str = "") -> None:
+        """Count (and log, rate-limited) a sample that is not kept."""
+        self.stats["dropped_" + reason.replace(" ", "_")] += 1
+        if reason != "duplicate":  # a late copy after a re-grant is normal; the rest is worth a line
+            self._log.warning(
+                ("drop", reason), "dropped sample %s: %s%s", key, reason, f" ({detail})" if detail else ""
+            )
+
     def _on_data(self, frames: list) -> None:
+        if not frames:
+            return
         try:
             # No copy: the hidden states stay in their frames until pack() copies them into a batch.
             message = decode(frames, max_message_bytes=self.config.socket.max_message_bytes, copy=False)
         except ProtocolError as e:
             self.stats["bad_messages"] += 1
-            logger.warning("dropped a malformed data message: %s", e)
+            self._log.warning("malformed data", "dropped a malformed data message: %s", peer_text(str(e)))
             return
         if not isinstance(message, Sample):
             self.stats["bad_messages"] += 1
+            self._log.warning("not a sample", "dropped a %s on the data socket", type(message).__name__)
             return
         key = (message.epoch, message.sample_id)
-        if not self.leases.is_needed(key):
-            self.leases.num_duplicates += 1
+        reason = self.leases.admit(key, message.lease_id, message.token)
+        if reason:
+            self._drop(reason, key, f"lease {message.lease_id}" if reason in ("bad token", "not its lease") else "")
             return
-        problem = self._verify(message)
+        problem = self._verify(message) or ("" if all_finite(message.hidden_states) else "nonfinite")
         if problem:
-            self.stats["bad_messages"] += 1
-            logger.error("rejected sample %s: %s", key, problem)
+            self._refuse(message, problem)
             return
-        nonfinite = not all_finite(message.hidden_states)
-        if nonfinite and not self.config.skip_nonfinite:
-            raise ValueError(
-                f"sample {message.sample_id} (epoch {message.epoch}) has NaN/Inf hidden states; "
-                "check the target's dtype, or pass --skip-nonfinite to skip and count such samples"
-            )
-        if not self._fits(key):
-            return  # arrived unasked (trainer restarted) and there is no room yet: it will be granted later
-        self.leases.on_sample(*key)
-        if nonfinite:
-            self.buffer.put(key, Nonfinite(message.sample_id))
-            return
+        self._fits(key)  # granted keys hold their room already; this is a no-op then
+        lease = self.leases.on_sample(*key)
+        self._strikes.pop(key, None)
+        holder = self.producers.get(lease.producer)
+        if holder is not None:
+            holder.delivered += 1
+            holder.expiries = 0
+        self._keep(key, message)
+
+    def _keep(self, key: Key, message: Sample) -> None:
         sample = TrainSample(
             sample_id=message.sample_id,
             token_ids=message.token_ids,
@@ -254,6 +317,42 @@ class StreamIO:
         self.stats["samples"] += 1
         self.stats["bytes"] += message.nbytes
 
+    def _refuse(self, message: Sample, problem: str) -> None:
+        """A lease holder sent a sample that does not fit (or holds NaN/Inf): the key goes back to
+        be granted again. A key refused ``MAX_STRIKES_PER_KEY`` times (NaN: twice) is not a peer's
+        fault but the data's or the target's: then the policy applies."""
+        key = (message.epoch, message.sample_id)
+        self.stats["refused_samples"] += 1
+        self._strikes[key] += 1
+        holder = self.producers.get(self.leases.leases[message.lease_id].producer)
+        who = holder.producer_id if holder else "a departed producer"
+        nonfinite = problem == "nonfinite"
+        if self._strikes[key] >= (2 if nonfinite else MAX_STRIKES_PER_KEY):
+            if nonfinite and self.config.skip_nonfinite:
+                self.leases.on_sample(*key)
+                self._fits(key)
+                self.buffer.put(key, Nonfinite(message.sample_id))
+                logger.warning(
+                    "sample %d (epoch %d) has NaN/Inf hidden states again; skipped (--skip-nonfinite)", *key[::-1]
+                )
+                return
+            if nonfinite:
+                raise ValueError(
+                    f"sample {message.sample_id} (epoch {message.epoch}) has NaN/Inf hidden states from "
+                    f"{self._strikes[key]} captures; check the target's dtype, or pass --skip-nonfinite to skip and count such samples"
+                )
+            raise ValueError(
+                f"sample {message.sample_id} (epoch {message.epoch}) was refused {self._strikes[key]} times: {problem}"
+            )
+        self.leases.fail(message.lease_id, [message.sample_id])
+        self._log.error(
+            ("refused", who),
+            "refused sample %s from %s: %s; granting it again",
+            key,
+            peer_text(who),
+            "NaN/Inf hidden states" if nonfinite else problem,
+        )
+
     def _verify(self, message: Sample) -> str:
         """Why a sample does not fit its prepared row or this rank's target ("" if it does)."""
         _, num_layers, hidden = message.hidden_states.shape
@@ -264,10 +363,12 @@ class StreamIO:
             return f"hidden states [T, {num_layers}, {hidden}], expected [T, {len(self.target.layer_ids)}, {self.target.hidden_size}]"
         if message.hidden_states.dtype != self._dtype:
             return f"dtype {message.hidden_states.dtype}, expected {self.target.dtype}"
-        if self._expected_tokens is not None and not torch.equal(
-            message.token_ids, self._expected_tokens(message.sample_id)
-        ):
-            return "token ids differ from the prepared dataset's row (producer reads another dataset?)"
+        if self._expected_row is not None:
+            token_ids, loss_mask = self._expected_row(message.sample_id)
+            if not torch.equal(message.token_ids, token_ids):
+                return "token ids differ from the prepared dataset's row (producer reads another dataset?)"
+            if not torch.equal(message.loss_mask.to(torch.bool), loss_mask.to(torch.bool)):
+                return "loss mask differs from the prepared dataset's row"
         return ""
 
     def _fits(self, key: Key) -> bool:
@@ -277,52 +378,85 @@ class StreamIO:
     # ---- control: handshake, lease failures, goodbyes -------------------------------------------
 
     def _on_control(self, control: zmq.Socket, frames: list) -> None:
+        if not frames:
+            return
         if len(frames) < 2:
             self.stats["bad_messages"] += 1
             return
         route = bytes(frames[0].buffer)
         try:
-            message = decode(frames[1:], max_message_bytes=1 << 20)
+            message = decode(frames[1:], max_message_bytes=CONTROL_MESSAGE_BYTES)
         except ProtocolVersionError as e:
             self.stats["bad_messages"] += 1
             self._send_raw(control, route, version_refusal(self.config.rank, e))
             return
         except ProtocolError as e:
             self.stats["bad_messages"] += 1
-            logger.warning("dropped a malformed control message: %s", e)
+            self._log.warning("malformed control", "dropped a malformed control message: %s", peer_text(str(e)))
             return
         producer = self.producers.get(route)
         if isinstance(message, Hello):
-            problem = hello_mismatch(self.target, message)
-            if problem:
-                logger.error("refused producer %s: %s", message.producer_id, problem)
-                self._send_raw(control, route, refusal(self.config.rank, problem))
-                return
-            if producer is not None:  # a re-hello (it restarted or reconnected): its old leases are void
-                self.leases.producer_lost(route)
-            self.producers[route] = _Producer(route=route, producer_id=message.producer_id, last_seen=time.monotonic())
-            data_endpoint = advertised_data_endpoint(self.data_endpoint, self.config.advertise_host)
-            self._send(control, route, welcome(self.config.rank, data_endpoint))
-            logger.info("producer %s joined rank %d", message.producer_id, self.config.rank)
+            self._on_hello(control, route, producer, message)
             return
         if producer is None:
             self._send_raw(control, route, Error(code="unknown_producer", message="say hello first"))
             return
         producer.last_seen = time.monotonic()
+        who = peer_text(producer.producer_id, 64)
         if isinstance(message, LeaseFailed):
-            returned = self.leases.fail(message.lease_id, message.sample_ids)
-            logger.warning(
+            returned = self.leases.fail(message.lease_id, message.sample_ids, producer=route)
+            if returned is None:
+                self.stats["bad_messages"] += 1
+                self._log.warning(
+                    ("foreign lease", route),
+                    "producer %s tried to fail lease %d, which it does not hold",
+                    who,
+                    message.lease_id,
+                )
+                return
+            self._log.warning(
+                ("lease failed", route),
                 "producer %s failed lease %d (%s): %d samples go back",
-                producer.producer_id,
+                who,
                 message.lease_id,
-                message.reason,
+                peer_text(message.reason),
                 len(returned),
             )
         elif isinstance(message, EndOfStream):
-            self._lost(route, f"left: {message.reason}")
+            self._lost(route, f"left: {peer_text(message.reason)}")
         elif isinstance(message, Error):
-            logger.error("producer %s reports %s: %s", producer.producer_id, message.code, message.message)
+            self._log.error(
+                ("error", route),
+                "producer %s reports %s: %s",
+                who,
+                peer_text(message.code, 64),
+                peer_text(message.message),
+            )
         # LeaseDone and Heartbeat only refresh last_seen: completion is counted on the data channel.
+
+    def _on_hello(self, control: zmq.Socket, route: bytes, producer: _Producer | None, hello: Hello) -> None:
+        who = peer_text(hello.producer_id, 64)
+        problems = hello_problems(self.target, hello)
+        if not problems and producer is None and len(self.producers) >= MAX_PRODUCERS:
+            problems = [("producers", f"rank {self.config.rank} already serves {MAX_PRODUCERS} producers")]
+        if problems:
+            self.stats["refused_hellos"] += 1
+            self._log.error(
+                ("refused hello",), "refused producer %s: %s", who, peer_text("; ".join(w for _, w in problems), 500)
+            )
+            authenticated = (
+                self.config.socket.curve is not None and self.config.socket.curve.authorized_keys_dir is not None
+            )
+            self._send_raw(
+                control, route, refusal(self.config.rank, refusal_reason(problems, authenticated=authenticated))
+            )
+            return
+        if producer is not None:  # a re-hello (it restarted or reconnected): its old leases are void
+            self.leases.producer_lost(route)
+        self.producers[route] = _Producer(route=route, producer_id=hello.producer_id, last_seen=time.monotonic())
+        data_endpoint = advertised_data_endpoint(self.data_endpoint, self.config.advertise_host)
+        self._send(control, route, welcome(self.config.rank, data_endpoint))
+        self._log.info(("joined",), "producer %s joined rank %d", who, self.config.rank)
 
     def _send(self, control: zmq.Socket, route: bytes, message: Message) -> bool:
         try:
@@ -356,18 +490,22 @@ class StreamIO:
     def _tick(self, control: zmq.Socket, now: float) -> None:
         # A producer whose lease ran out and that has not even sent heartbeats is dead, not slow:
         # stop granting to it at once instead of waiting for the silence timeout.
-        expiring = [lease for lease in self.leases.leases.values() if lease.deadline <= now]
-        late = {lease.producer for lease in expiring}
-        for lease in expiring:
+        expiring = [(lease, len(lease.outstanding)) for lease in self.leases.leases.values() if lease.deadline <= now]
+        self.leases.expire()
+        late = set()
+        for lease, undelivered in expiring:
+            late.add(lease.producer)
             who = self.producers.get(lease.producer)
-            logger.warning(
+            if who is not None:
+                self._penalize(who, now)
+            self._log.warning(
+                ("expired", lease.producer),
                 "lease %d of %s expired with %d of %d samples undelivered; granting them again",
                 lease.lease_id,
-                who.producer_id if who else "a departed producer",
-                len(lease.outstanding),
+                peer_text(who.producer_id, 64) if who else "a departed producer",
+                undelivered,
                 len(lease.sample_ids),
             )
-        self.leases.expire()
         for route, producer in list(self.producers.items()):
             silent = now - producer.last_seen
             if silent > self.config.producer_timeout_seconds or (
@@ -381,24 +519,54 @@ class StreamIO:
             )
         self._grant(control)
 
+    def _penalize(self, producer: _Producer, now: float) -> None:
+        """A lease expired: back on probation, and no grants for a while (doubling each time)."""
+        producer.delivered = 0
+        producer.expiries += 1
+        wait = min(self._probation_seconds * 2 ** (producer.expiries - 1), MAX_BACKOFF_SECONDS)
+        producer.backoff_until = now + wait
+
+    @property
+    def _probation_seconds(self) -> float:
+        return min(PROBATION_SECONDS, self.config.lease_seconds)
+
     def _grant(self, control: zmq.Socket) -> None:
+        """Grant pending work, head of the plan first, to producers that have room: producers that
+        deliver first (up to ``leases_per_producer`` leases of ``samples_per_lease``); then those
+        on probation, one sample each with a short deadline, at most ``samples_per_lease`` samples
+        on probation at once, the longest-waiting first."""
+        now = time.monotonic()
         granted = True
         while granted and self.leases.num_pending:
             granted = False
-            for route in sorted(self.producers, key=lambda r: self.leases.outstanding_for(r)):
-                open_leases = sum(1 for lease in self.leases.leases.values() if lease.producer == route)
-                if open_leases >= self.config.leases_per_producer:
-                    continue
-                lease = self.leases.take(route, self.config.samples_per_lease, fits=self._fits)
+            ready = [p for p in self.producers.values() if p.backoff_until <= now]
+            proven = sorted(
+                (p for p in ready if not p.on_probation), key=lambda p: self.leases.outstanding_for(p.route)
+            )
+            trial = sorted((p for p in ready if p.on_probation), key=lambda p: p.last_granted)
+            on_trial = sum(self.leases.outstanding_for(p.route) for p in self.producers.values() if p.on_probation)
+            for producer in proven + trial:
+                if producer.on_probation:
+                    if on_trial >= self.config.samples_per_lease or self.leases.leases_of(producer.route) >= 1:
+                        continue
+                    limit, seconds = 1, self._probation_seconds
+                else:
+                    if self.leases.leases_of(producer.route) >= self.config.leases_per_producer:
+                        continue
+                    limit, seconds = self.config.samples_per_lease, self.config.lease_seconds
+                lease = self.leases.take(producer.route, limit, fits=self._fits, seconds=seconds)
                 if lease is None:
                     return  # nothing pending, or no room in the buffer
                 grant = Grant(
                     lease_id=lease.lease_id,
                     epoch=lease.epoch,
                     sample_ids=list(lease.sample_ids),
-                    deadline_s=self.config.lease_seconds,
+                    deadline_s=seconds,
+                    token=lease.token,
                 )
-                if self._send(control, route, grant):
+                if self._send(control, producer.route, grant):
                     granted = True
+                    producer.last_granted = now
+                    on_trial += len(lease.sample_ids) if producer.on_probation else 0
                 else:  # never delivered: back to pending now rather than at the lease deadline
                     self.leases.fail(lease.lease_id)

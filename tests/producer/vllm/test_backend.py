@@ -213,7 +213,7 @@ def test_streaming_through_vllm_delivers_every_granted_sample_and_failed_ones_co
             vocab_size=info.vocab_size,
         ),
         lengths=lambda sid: rows[sid].input_ids.shape[0],
-        expected_tokens=lambda sid: rows[sid].input_ids,
+        expected_row=lambda sid: (rows[sid].input_ids, rows[sid].loss_mask),
     ).start()
     server.fail_once = {3, 6}
     stop = threading.Event()

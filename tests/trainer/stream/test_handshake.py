@@ -7,7 +7,15 @@ import dataclasses
 
 from protocol.messages import PROTOCOL_VERSION, Hello, ProtocolVersionError
 from protocol.target import TargetSpec
-from trainer.stream.handshake import advertised_data_endpoint, hello_mismatch, refusal, version_refusal, welcome
+from trainer.stream.handshake import (
+    advertised_data_endpoint,
+    hello_mismatch,
+    hello_problems,
+    refusal,
+    refusal_reason,
+    version_refusal,
+    welcome,
+)
 
 SPEC = TargetSpec(
     target_model="/models/Llama-3.1-8B",
@@ -25,7 +33,26 @@ def hello(**override) -> Hello:
 
 def test_a_matching_hello_passes_whatever_the_model_path():
     assert hello_mismatch(SPEC, hello(target_model="meta-llama/Llama-3.1-8B")) == ""
-    assert hello_mismatch(SPEC, hello(dataset_fingerprint="")) == ""  # unknown: not checked
+
+
+def test_a_trainer_that_knows_its_dataset_refuses_a_producer_that_does_not_say_one():
+    assert "prepared dataset (none given) != abc" in hello_mismatch(SPEC, hello(dataset_fingerprint=""))
+    unknown = dataclasses.replace(SPEC, dataset_fingerprint="")
+    assert hello_mismatch(unknown, hello(dataset_fingerprint="")) == ""  # a trainer without one checks nothing
+
+
+def test_another_protocol_version_in_the_hello_is_refused():
+    [(field, why)] = hello_problems(SPEC, hello(protocol_version=999))
+    assert field == "protocol version" and "999" in why
+
+
+def test_an_unauthenticated_peer_learns_which_fields_differ_but_not_the_trainers_values():
+    problems = hello_problems(SPEC, hello(target_model="/other", layer_ids=[1, 2, 3, 32], dataset_fingerprint=""))
+    told = refusal_reason(problems, authenticated=False)
+    assert "target model" in told and "layer ids" in told and "dataset fingerprint" in told
+    for secret in ("/models/Llama-3.1-8B", "16, 29", "abc"):
+        assert secret not in told
+    assert "/models/Llama-3.1-8B" in refusal_reason(problems, authenticated=True)
 
 
 def test_a_mismatching_hello_names_every_difference_and_the_flag():

@@ -59,7 +59,7 @@ def make_source(tmp_path, backend, rows, **config):
         StreamConfig(endpoint=f"ipc://{tmp_path}/stream", **{"batch_tokens": 256, "buffer_bytes": 2 << 30, **config}),
         spec_of(backend),
         lengths=lambda sid: rows[sid].input_ids.shape[0],
-        expected_tokens=lambda sid: rows[sid].input_ids,
+        expected_row=lambda sid: (rows[sid].input_ids, rows[sid].loss_mask),
     )
     return source.start()
 
@@ -99,7 +99,9 @@ def test_samples_arrive_in_plan_order_and_equal_a_direct_capture(tmp_path, backe
     assert not thread.is_alive() and producer.report.exit_code == 0
     expected = reference(backend, rows, order)
     for s in got:
-        assert torch.equal(s.hidden_states, expected[s.sample_id].hidden_states)
+        # The producer's first grant is one row (probation), so its batches differ from the direct
+        # capture's: equal up to float rounding of padded vs unpadded matmuls.
+        torch.testing.assert_close(s.hidden_states, expected[s.sample_id].hidden_states, rtol=1e-5, atol=1e-4)
         assert torch.equal(s.token_ids, rows[s.sample_id].input_ids)
         assert s.loss_mask.dtype == torch.bool and torch.equal(s.loss_mask, rows[s.sample_id].loss_mask.bool())
     assert producer.report.samples == NUM_ROWS and source.snapshot()["duplicates"] == 0
@@ -198,7 +200,8 @@ def test_garbage_and_strangers_do_not_disturb_the_stream(tmp_path, backend, rows
     send_message(control, wrong)
     assert control.poll(5000)
     refusal = recv_message(control)[1]
-    assert not refusal.accepted and "other-model" in refusal.reason
+    # Without CURVE the stranger learns what differs, not the trainer's settings.
+    assert not refusal.accepted and "target model" in refusal.reason and "fake" not in refusal.reason
     _, thread = start_producer(tmp_path, backend, rows)
     source.schedule(0, list(range(4)))
     assert [s.sample_id for s in source.fetch([0, 1, 2, 3]).samples] == [0, 1, 2, 3]
@@ -228,16 +231,17 @@ def test_work_of_a_producer_that_vanishes_is_granted_to_another(tmp_path, backen
     source.schedule(0, list(range(NUM_ROWS)))
     grants = []
     deadline = time.monotonic() + 5
-    while len(grants) < 2 and time.monotonic() < deadline:
+    while len(grants) < 1 and time.monotonic() < deadline:
         if zombie.poll(200):
             message = recv_message(zombie)[1]
             if isinstance(message, Grant):
                 grants.append(message)
-    assert [g.sample_ids for g in grants] == [[0, 1], [2, 3]]
+    # On probation until it delivers: one sample, with a secret token its sample must carry.
+    assert [g.sample_ids for g in grants] == [[0]] and len(grants[0].token) == 32
     _, thread = start_producer(tmp_path, backend, rows, name="healthy", heartbeat_seconds=0.3)
     samples = source.fetch(list(range(NUM_ROWS))).samples
     assert [s.sample_id for s in samples] == list(range(NUM_ROWS))
-    assert source.snapshot()["leases_expired"] >= 2
+    assert source.snapshot()["leases_expired"] >= 1
     source.close()
     thread.join(20)
     ctx.destroy(linger=0)
