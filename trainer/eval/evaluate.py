@@ -8,6 +8,9 @@ bonus token, per-position acceptance rate)::
     draftstream eval --checkpoint ./out/checkpoints/checkpoint_best --data ./out/prepared \\
         --num-prompts 64 --max-new-tokens 256 --output acceptance.csv
 
+Target and draft keep KV caches, and ``--batch-size`` prompts are decoded in lockstep (one target
+forward per round for all of them); the counters are those of decoding each prompt alone.
+
 Prompts (``--data``, repeatable; each source is one subset of the results, plus ``all``):
 
 - a prepared dataset (``draftstream prepare`` output): each row's tokens up to its first supervised
@@ -21,7 +24,9 @@ Prompts (``--data``, repeatable; each source is one subset of the results, plus 
 
 Output: a table, a CSV (``--output``) with the columns vLLM-metrics tools read (``subset,
 num_drafts, num_draft_tokens, num_accepted_tokens, acceptance_length, acceptance_at_pos_0..K-1``),
-and one JSON line at the end of stdout. Exit status 2 for a usage or data error.
+then the decoding speed (generated tokens per second and wall time, target and draft loading
+excluded), and one JSON line at the end of stdout (the rows plus ``seconds`` and
+``tokens_per_second``). Exit status 2 for a usage or data error.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from protocol.dataset import PreparedDataset
 from protocol.devices import resolve_device
 from protocol.logs import setup_logging
 from trainer.data.sources import VAL_RATIO, split_train_val
-from trainer.eval.speculate import AcceptanceStats, HFTarget, generate, stats_of
+from trainer.eval.speculate import AcceptanceStats, HFTarget, generate_batch, stats_of
 from trainer.models.export import load_draft
 from trainer.training.config import LoopConfig
 
@@ -215,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="K tokens proposed per round; default: the checkpoint's speculative_tokens",
     )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="prompts decoded in lockstep, one target forward per round for all; the figures do not depend on it",
+    )
     p.add_argument("--output", default=None, help="write the results as CSV here")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
@@ -231,6 +242,8 @@ def _check_args(args: argparse.Namespace) -> torch.device:
         raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.skip_prompts < 0:
         raise ValueError(f"--skip-prompts must be >= 0, got {args.skip_prompts}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.num_speculative_tokens is not None and args.num_speculative_tokens < 1:
@@ -318,12 +331,14 @@ def run(args: argparse.Namespace) -> dict:
     try:
         for prompt_set in prompt_sets:
             generations = []
-            for prompt in tqdm(prompt_set.prompts, desc=f"eval {prompt_set.name}", file=sys.stderr, leave=False):
-                generations.append(
-                    generate(
-                        target, draft, prompt, max_new_tokens=args.max_new_tokens, num_speculative_tokens=k, eos_ids=eos
+            prompts = prompt_set.prompts
+            with tqdm(total=len(prompts), desc=f"eval {prompt_set.name}", file=sys.stderr, leave=False) as bar:
+                for first in range(0, len(prompts), args.batch_size):
+                    batch = prompts[first : first + args.batch_size]
+                    generations += generate_batch(
+                        target, draft, batch, max_new_tokens=args.max_new_tokens, num_speculative_tokens=k, eos_ids=eos
                     )
-                )
+                    bar.update(len(batch))
             stats = stats_of(generations, k)
             total.merge(stats)
             num_generated += sum(len(g.output_ids) for g in generations)
@@ -331,10 +346,16 @@ def run(args: argparse.Namespace) -> dict:
             num_prompts[prompt_set.name] = len(prompt_set.prompts)
     finally:
         target.close()
+    seconds = time.perf_counter() - start
     rows.append(csv_row("all", total))
     num_prompts["all"] = sum(len(s.prompts) for s in prompt_sets)
 
     print_table(rows, num_prompts, k)
+    tokens_per_second = num_generated / seconds if seconds > 0 else float("nan")
+    print(
+        f"generated {num_generated} tokens for {num_prompts['all']} prompts in {seconds:.1f} s: "
+        f"{tokens_per_second:.1f} tokens/s, {seconds / num_prompts['all']:.2f} s per prompt"
+    )
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -351,7 +372,10 @@ def run(args: argparse.Namespace) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "num_prompts": num_prompts["all"],
         "num_generated_tokens": num_generated,
-        "seconds": round(time.perf_counter() - start, 3),
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(tokens_per_second, 3),
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
         "device": str(device),
         "rows": rows,
     }

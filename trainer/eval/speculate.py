@@ -4,11 +4,20 @@ One round, for a committed sequence ``S`` of length ``n`` whose aux states ``g(0
 (the last token has not been fed to the target yet):
 
 1. the draft proposes ``K`` tokens ``d_1..d_K`` from ``S`` and ``g`` (``trainer/eval/propose.py``);
-2. the target runs once over ``S + d`` (full recompute, no KV cache: correctness over speed) and
-   takes its greedy tokens ``t_0..t_K`` at positions ``n-1..n-1+K``;
+2. the target runs once over ``x(n-1) + d`` on top of its KV cache of ``S[:n-1]`` and takes its
+   greedy tokens ``t_0..t_K`` at positions ``n-1..n-1+K`` (``trainer/eval/target.py``);
 3. the longest prefix with ``d_{j+1} == t_j`` is accepted (``a`` tokens) and the target's own
    ``t_a`` follows it, so a round commits ``a + 1`` tokens; the same forward holds the aux states
-   of every newly committed position but the last, which is what the next round needs.
+   of every newly committed position but the last, which is what the next round needs, and the
+   target keeps only those positions in its cache (``n + a``).
+
+The draft keeps its own cache of context keys (``propose.DraftCache``), so a round costs one
+target forward of ``K + 1`` tokens and one draft forward of the ``a + 1`` new positions plus the
+chain. ``generate_batch`` runs the rounds of several prompts in lockstep, one forward for all of
+them, each sequence with its own positions, acceptances and stop; a finished sequence leaves the
+batch. ``generate(..., use_cache=False)`` recomputes the target and the draft over the whole
+sequence every round instead: the reference the cached path is tested against (cached, batched and
+full forwards differ only in float rounding, which can flip an argmax only on a near-tie).
 
 The first generated token comes from the prompt's forward alone (vLLM's prefill; no draft round).
 Rounds go on while fewer than ``max_new_tokens`` tokens are generated and none is an end-of-sequence
@@ -25,7 +34,7 @@ Aux states are captured exactly as for training (``producer/capture.py``, vLLM's
 ``extract_hidden_states`` ids): id ``k < N`` is the input of decoder layer ``k``, id ``N`` the last
 layer's output before the final norm.
 
-Shape letters: T tokens, A aux layers, H hidden, X = A*H, V target vocab.
+Shape letters: B sequences, T tokens, A aux layers, H hidden, X = A*H, V target vocab.
 """
 
 from __future__ import annotations
@@ -35,8 +44,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from protocol.layer_capture import ResidualCapture
-from trainer.eval.propose import propose
+from trainer.eval.propose import DraftCache, propose, propose_batch
+from trainer.eval.target import HFTarget
 from trainer.models.base import DraftModel
 
 
@@ -98,35 +107,6 @@ class Generation:
     rounds: list[Round]
 
 
-class HFTarget:
-    """A ``transformers`` causal LM whose aux layers are captured on every forward with the same
-    ``protocol.layer_capture`` hooks the producer's capture backend uses."""
-
-    def __init__(self, model, aux_layer_ids: Sequence[int]):
-        self.model = model.eval()
-        layers = model.get_decoder().layers
-        num_layers = len(layers)
-        bad = [k for k in aux_layer_ids if not 0 <= k <= num_layers]
-        if bad:
-            raise ValueError(
-                f"the draft's aux layer ids {list(aux_layer_ids)} do not fit this target's {num_layers} decoder layers "
-                "(ids go from 0 to N): is --verifier-name-or-path the model the draft was trained on?"
-            )
-        self.aux_layer_ids = list(aux_layer_ids)
-        self.device = next(model.parameters()).device
-        self._capture = ResidualCapture(layers, self.aux_layer_ids)
-
-    @torch.no_grad()
-    def forward(self, ids_T: torch.Tensor, num_logits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``[num_logits, V]`` of the last positions and the aux states ``[T, X]``."""
-        out = self.model(input_ids=ids_T.to(self.device)[None], use_cache=False, logits_to_keep=num_logits)
-        aux_TX = torch.cat([state[0] for state in self._capture.take()], dim=-1)
-        return out.logits[0], aux_TX
-
-    def close(self) -> None:
-        self._capture.close()
-
-
 @torch.no_grad()
 def generate(
     target: HFTarget,
@@ -137,8 +117,19 @@ def generate(
     num_speculative_tokens: int,
     eos_ids: Sequence[int] = (),
     on_round: Callable[[Round], None] | None = None,
+    use_cache: bool = True,
 ) -> Generation:
     """Greedy speculative decoding of one prompt (see the module docstring)."""
+    if use_cache:
+        return generate_batch(
+            target,
+            draft,
+            [prompt_ids],
+            max_new_tokens=max_new_tokens,
+            num_speculative_tokens=num_speculative_tokens,
+            eos_ids=eos_ids,
+            on_round=None if on_round is None else lambda _, record: on_round(record),
+        )[0]
     if not prompt_ids:
         raise ValueError("empty prompt")
     k, eos = num_speculative_tokens, set(eos_ids)
@@ -152,22 +143,93 @@ def generate(
         proposal = propose(draft, seq_T[1:], aux_TX[: n - 1].to(device), k)
         logits, aux_TX = target.forward(torch.cat([seq_T, torch.tensor(proposal, device=device)]), k + 1)
         greedy = [int(t) for t in logits.argmax(-1)]
-        accepted = 0
-        while accepted < k and proposal[accepted] == greedy[accepted]:
-            accepted += 1
+        accepted = _num_accepted(proposal, greedy)
         committed = proposal[:accepted] + [greedy[accepted]]
         record = Round(start=n - num_prompt, proposal=tuple(proposal), target=tuple(greedy), accepted=accepted)
         rounds.append(record)
         if on_round is not None:
             on_round(record)
-        # Stop at an EOS inside the committed tokens, as the stop check would.
-        for j, token in enumerate(committed):
-            if token in eos:
-                committed = committed[: j + 1]
-                break
-        seq_T = torch.cat([seq_T, torch.tensor(committed, device=device)])
+        seq_T = torch.cat([seq_T, torch.tensor(_cut_at_eos(committed, eos), device=device)])
     output = seq_T[num_prompt:].tolist()[:max_new_tokens]
     return Generation(prompt_ids=list(prompt_ids), output_ids=output, rounds=rounds)
+
+
+@torch.no_grad()
+def generate_batch(
+    target: HFTarget,
+    draft: DraftModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    num_speculative_tokens: int,
+    eos_ids: Sequence[int] = (),
+    on_round: Callable[[int, Round], None] | None = None,
+) -> list[Generation]:
+    """Greedy speculative decoding of several prompts at once, with KV caches; the same rounds
+    as ``generate`` of each prompt alone. ``on_round(i, round)`` for prompt ``i``."""
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("empty prompt")
+    k, eos, device = num_speculative_tokens, set(eos_ids), target.device
+    logits_BV, prompt_aux = target.start(prompts)
+    seqs = [[*p, t] for p, t in zip(prompts, logits_BV.argmax(-1).tolist())]
+    rounds: list[list[Round]] = [[] for _ in prompts]
+    # Batch row r is sequence active[r]; the draft has yet to see its context positions
+    # new_tokens[r] / new_aux[r] (x(m+1..n-1) and g(m..n-2)).
+    active = list(range(len(prompts)))
+    new_tokens = [torch.tensor(s[1:], device=device) for s in seqs]
+    new_aux = list(prompt_aux)
+    draft_cache = DraftCache()
+
+    def running(i: int) -> bool:
+        return len(seqs[i]) - len(prompts[i]) < max_new_tokens and seqs[i][-1] not in eos
+
+    while True:
+        rows = [r for r, i in enumerate(active) if running(i)]
+        if not rows:
+            break
+        if len(rows) < len(active):
+            target.select(rows)
+            draft_cache.select(rows)
+            active = [active[r] for r in rows]
+            new_tokens = [new_tokens[r] for r in rows]
+            new_aux = [new_aux[r] for r in rows]
+        proposals = propose_batch(draft, new_tokens, new_aux, k, draft_cache)
+        ids_BT = torch.tensor([[seqs[i][-1], *p] for i, p in zip(active, proposals)], device=device)
+        logits_BTV, aux_BTX = target.extend(ids_BT)
+        num_kept = []
+        for r, (i, proposal, greedy) in enumerate(zip(active, proposals, logits_BTV.argmax(-1).tolist())):
+            accepted = _num_accepted(proposal, greedy)
+            committed = proposal[:accepted] + [greedy[accepted]]
+            record = Round(
+                start=len(seqs[i]) - len(prompts[i]), proposal=tuple(proposal), target=tuple(greedy), accepted=accepted
+            )
+            rounds[i].append(record)
+            if on_round is not None:
+                on_round(i, record)
+            num_kept.append(accepted + 1)
+            new_tokens[r] = torch.tensor(committed, device=device)
+            new_aux[r] = aux_BTX[r, : accepted + 1]
+            seqs[i].extend(_cut_at_eos(committed, eos))
+        target.commit(num_kept)
+    return [
+        Generation(prompt_ids=list(p), output_ids=s[len(p) :][:max_new_tokens], rounds=r)
+        for p, s, r in zip(prompts, seqs, rounds)
+    ]
+
+
+def _num_accepted(proposal: Sequence[int], greedy: Sequence[int]) -> int:
+    accepted = 0
+    while accepted < len(proposal) and proposal[accepted] == greedy[accepted]:
+        accepted += 1
+    return accepted
+
+
+def _cut_at_eos(committed: list[int], eos: set[int]) -> list[int]:
+    """Stop at an EOS inside the committed tokens, as the stop check would."""
+    for j, token in enumerate(committed):
+        if token in eos:
+            return committed[: j + 1]
+    return committed
 
 
 def stats_of(generations: Sequence[Generation], num_speculative_tokens: int) -> AcceptanceStats:

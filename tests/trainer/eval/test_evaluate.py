@@ -19,7 +19,7 @@ import torch
 
 from trainer.data.batch import TrainSample, pack
 from trainer.eval.evaluate import conversation_prompts, csv_columns, main
-from trainer.eval.speculate import HFTarget, generate, stats_of
+from trainer.eval.speculate import HFTarget, generate, generate_batch, stats_of
 from trainer.models.config import DraftConfig
 from trainer.models.export import build_draft, load_draft, save_draft
 
@@ -239,6 +239,30 @@ def test_eagle3_proposals_agree_with_the_training_forward(checkpoints, hf_target
         target.close()
 
 
+@pytest.mark.parametrize("name", ["eagle3-trained", "peagle-trained", "eagle3-untrained", "peagle-untrained"])
+def test_cached_and_batched_decoding_match_full_recompute(checkpoints, hf_target, prompts, eos_ids, name):
+    """The KV-cached target and draft, one prompt at a time or all prompts in one batch (rows of
+    different lengths that accept and stop at different rounds), give the rounds of the
+    whole-sequence recompute: the same proposals, target tokens and accepted counts."""
+    draft = load_draft(checkpoints[name]).eval()
+    target = HFTarget(hf_target, draft.config.aux_layer_ids)
+    common = dict(max_new_tokens=NUM_NEW, num_speculative_tokens=K, eos_ids=eos_ids)
+    try:
+        full = [generate(target, draft, p, use_cache=False, **common) for p in prompts]
+        cached = [generate(target, draft, p, **common) for p in prompts]
+        batched = generate_batch(target, draft, prompts, **common)
+    finally:
+        target.close()
+    for f, c, b in zip(full, cached, batched):
+        assert c.rounds == f.rounds and b.rounds == f.rounds
+        assert c.output_ids == f.output_ids and b.output_ids == f.output_ids
+    assert stats_of(batched, K) == stats_of(full, K)
+    assert len({len(p) for p in prompts}) > 1 and min(len(g.rounds) for g in full) >= 4
+    if name.endswith("-trained"):  # rows that accept different counts and leave at different rounds
+        assert len({r.accepted for g in full for r in g.rounds}) > 2
+        assert len({len(g.rounds) for g in full}) > 1
+
+
 # --- figures -----------------------------------------------------------------------------------
 
 
@@ -319,6 +343,9 @@ def test_csv_has_the_vllm_metric_columns_per_source_and_all(
     assert int(rows[2]["num_drafts"]) == int(rows[0]["num_drafts"]) + int(rows[1]["num_drafts"])
     assert [{k: str(v) for k, v in r.items()} for r in result["rows"]] == rows
     assert result["num_prompts"] == 6 and result["num_speculative_tokens"] == 2
+    assert result["seconds"] > 0 and result["tokens_per_second"] == pytest.approx(
+        result["num_generated_tokens"] / result["seconds"], rel=1e-2
+    )
 
 
 def test_prepared_prompts_end_where_the_first_answer_starts(sharp_target, conversations_jsonl, tmp_path):
@@ -347,6 +374,7 @@ def test_usage_errors_exit_2(checkpoints, conversations_jsonl, tmp_path, capsys)
     data = ["--data", str(conversations_jsonl)]
     assert main(["--checkpoint", str(tmp_path / "nothing"), *data]) == 2
     assert main(["--checkpoint", str(checkpoints["eagle3-untrained"]), *data, "--num-speculative-tokens", "0"]) == 2
+    assert main(["--checkpoint", str(checkpoints["eagle3-untrained"]), *data, "--batch-size", "0"]) == 2
     assert main(["--checkpoint", str(checkpoints["eagle3-untrained"]), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "draftstream eval: error:" in capsys.readouterr().err
 
