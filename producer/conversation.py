@@ -16,6 +16,11 @@ Two ways to get the mask:
 
 A conversation with assistant content whose mask comes out empty raises ``ChatTemplateError``: a
 silent zero-loss dataset is worse than a stopped run.
+
+An assistant turn marked ``"truncated": true`` (``draftstream regenerate`` marks answers cut at
+``--max-new-tokens``) did not end: the target would have gone on. Its end-of-turn token is not
+supervised, and when it is the last message the rows end with its content: the template's
+end-of-turn token and whatever follows it are cut, so no row teaches an end the target never chose.
 """
 
 from __future__ import annotations
@@ -49,8 +54,9 @@ class MalformedConversation(ValueError):
     """A row that is not a usable conversation (unknown role, non-text content, no turns)."""
 
 
-def normalize_turns(turns: Any) -> list[dict[str, str]]:
-    """ShareGPT or OpenAI turns -> ``[{"role", "content"}]`` with canonical roles."""
+def normalize_turns(turns: Any) -> list[dict[str, Any]]:
+    """ShareGPT or OpenAI turns -> ``[{"role", "content"}]`` with canonical roles; an assistant turn
+    marked truncated keeps ``"truncated": True``."""
     if not isinstance(turns, list) or not turns:
         raise MalformedConversation("no turns")
     messages = []
@@ -66,7 +72,10 @@ def normalize_turns(turns: Any) -> list[dict[str, str]]:
             content = ""
         if not isinstance(content, str):
             raise MalformedConversation(f"{role} content is a {type(content).__name__}, only text is supported")
-        messages.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        if role == ASSISTANT and turn.get("truncated"):
+            message["truncated"] = True
+        messages.append(message)
     return messages
 
 
@@ -87,7 +96,7 @@ class ConversationEncoder:
         self._special_ids = {i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special}
         self._special_ids.update(tokenizer.all_special_ids)
 
-    def encode(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    def encode(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
         """``(input_ids, loss_mask)`` for normalised messages (see ``normalize_turns``)."""
         from jinja2 import TemplateSyntaxError
 
@@ -96,6 +105,8 @@ class ConversationEncoder:
                 input_ids, loss_mask = self._encode_with_markers(messages)
             else:
                 input_ids, loss_mask = self._encode_with_offsets(messages)
+            if any(m["role"] == ASSISTANT and m.get("truncated") for m in messages):
+                input_ids, loss_mask = self._cut_truncated(messages, input_ids, loss_mask)
         except TemplateSyntaxError as e:  # other TemplateErrors refuse one conversation, this one all
             raise ChatTemplateError(f"the chat template of {self.model_name} does not parse: {e}") from e
         num_assistant = sum(1 for m in messages if m["role"] == ASSISTANT and m["content"].strip())
@@ -112,26 +123,44 @@ class ConversationEncoder:
             )
         return input_ids, loss_mask
 
-    def _encode_with_markers(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    def _encode_with_markers(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
         out = self.tokenizer.apply_chat_template(
             messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
         return list(out["input_ids"]), [int(bool(x)) for x in out["assistant_masks"]]
 
-    def _encode_with_offsets(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    def _render(self, messages: list[dict[str, Any]]) -> tuple[str, list[int], list[int], list[int]]:
+        """``(text, input_ids, token starts, token ends)``: the rendered conversation, tokenized with offsets."""
         text = self.tokenizer.apply_chat_template(messages, tokenize=False)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        input_ids = list(enc["input_ids"])
-        starts = [s for s, _ in enc["offset_mapping"]]
-        ends = [e for _, e in enc["offset_mapping"]]
+        return (
+            text,
+            list(enc["input_ids"]),
+            [s for s, _ in enc["offset_mapping"]],
+            [e for _, e in enc["offset_mapping"]],
+        )
 
-        # (start, end, is_assistant) of each non-empty content in the rendered text, in order.
-        spans: list[tuple[int, int, bool]] = []
+    def _content_spans(self, text: str, messages: list[dict[str, Any]]) -> list[tuple[int, int] | None]:
+        """``(start, end)`` of each message's stripped content in ``text`` (None where it is empty).
+        The search for message i starts where the rendering of messages[:i] ends when that rendering
+        is a prefix of ``text``: a default system prompt the template injects (SmolLM2's) can then
+        never be mistaken for a short message."""
+        from jinja2 import TemplateError
+
+        spans: list[tuple[int, int] | None] = []
         cursor = 0
         for i, message in enumerate(messages):
             content = message["content"].strip()
             if not content:
+                spans.append(None)
                 continue
+            if i:
+                try:
+                    prefix = self.tokenizer.apply_chat_template(messages[:i], tokenize=False)
+                except TemplateError:  # a template may refuse a partial conversation: search from the cursor
+                    prefix = ""
+                if prefix and text.startswith(prefix):
+                    cursor = max(cursor, len(prefix))
             pos = text.find(content, cursor)
             if pos < 0:
                 raise ChatTemplateError(
@@ -139,9 +168,18 @@ class ConversationEncoder:
                     f"message {i} ({message['role']}), so its text cannot be found in the rendered "
                     f"conversation: add generation markers to the template to derive the assistant mask"
                 )
-            spans.append((pos, pos + len(content), message["role"] == ASSISTANT))
+            spans.append((pos, pos + len(content)))
             cursor = pos + len(content)
+        return spans
 
+    def _encode_with_offsets(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+        text, input_ids, starts, ends = self._render(messages)
+        # (start, end, is_assistant) of each non-empty content in the rendered text, in order.
+        spans = [
+            (*span, message["role"] == ASSISTANT)
+            for span, message in zip(self._content_spans(text, messages), messages)
+            if span is not None
+        ]
         loss_mask = [0] * len(input_ids)
         for n, (content_start, content_end, is_assistant) in enumerate(spans):
             if not is_assistant:
@@ -160,3 +198,30 @@ class ConversationEncoder:
                         loss_mask[u] = 1
                     break
         return input_ids, loss_mask
+
+    def _cut_truncated(
+        self, messages: list[dict[str, Any]], input_ids: list[int], loss_mask: list[int]
+    ) -> tuple[list[int], list[int]]:
+        """Unsupervise what follows each truncated assistant content (its end-of-turn token), and
+        cut the row after the content when the truncated turn is the last message."""
+        text, ids, starts, _ = self._render(messages)
+        if ids != input_ids:
+            raise ChatTemplateError(
+                f"the chat template of {self.model_name} tokenizes differently from its rendered text, "
+                f"so the end of a truncated answer cannot be placed"
+            )
+        spans = self._content_spans(text, messages)
+        loss_mask = list(loss_mask)
+        for i, (span, message) in enumerate(zip(spans, messages)):
+            if span is None or message["role"] != ASSISTANT or not message.get("truncated"):
+                continue
+            later = [s[0] for s in spans[i + 1 :] if s is not None]
+            limit = later[0] if later else len(text)
+            after = bisect.bisect_left(starts, span[1])  # first token starting at/after the content's end
+            for t in range(after, len(ids)):
+                if starts[t] >= limit:
+                    break
+                loss_mask[t] = 0
+            if i == len(messages) - 1:
+                return ids[:after], loss_mask[:after]
+        return ids, loss_mask

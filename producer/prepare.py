@@ -9,7 +9,9 @@ the token ids at supervised positions over the whole set. Row ``i`` of this data
 Sources (``--data``, repeatable): local ``.json``/``.jsonl`` files or folders of them, a folder
 written by ``save_to_disk``, the presets ``sharegpt`` / ``ultrachat``, or ``hf:<id>[:<split>]``.
 Rows carry ``conversations`` or ``messages`` (tokenized with the target's chat template, see
-``producer.conversation``), or already ``input_ids`` + ``loss_mask`` (passed through). Each source
+``producer.conversation``), or already ``input_ids`` + ``loss_mask`` (passed through). An assistant
+turn marked ``"truncated": true`` (``draftstream regenerate``'s answers cut at ``--max-new-tokens``)
+gets no end-of-turn token in its loss mask, nor in the tokens when it ends the row. Each source
 is shuffled with ``--seed``; rows are clipped to ``--seq-length``; rows left with no supervised
 token, or fewer than ``--minimum-valid-tokens``, are dropped and counted, as are malformed rows
 (unknown role, non-text content, a template that refuses the conversation). Then all sources are

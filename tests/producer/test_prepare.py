@@ -15,7 +15,7 @@ from producer.conversation import ChatTemplateError
 from producer.prepare import PrepareConfig, main, prepare_dataset
 from producer.tiny_target import conversations, write_conversations
 
-from .test_conversation import EOT, expected_spans, supervised_spans
+from .test_conversation import EOT, TRUNCATED_LAST, expected_spans, supervised_spans
 
 
 def _prepare(model, data, output, **kwargs):
@@ -156,3 +156,23 @@ def test_unknown_source_and_bad_flags_name_the_flag(tiny_llama, tmp_path):
         PrepareConfig(model="m", data=["x"], output="o", seq_length=0)
     with pytest.raises(ValueError, match="--data"):
         PrepareConfig(model="m", data=[], output="o")
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen3-plain"])
+def test_truncated_answers_are_prepared_without_an_end_of_turn(tokenizer_dirs, tmp_path, variant):
+    closed = [{k: v for k, v in m.items() if k != "truncated"} for m in TRUNCATED_LAST]
+    source = tmp_path / "regenerated.jsonl"
+    source.write_text(json.dumps({"messages": TRUNCATED_LAST}) + "\n" + json.dumps({"messages": closed}) + "\n")
+    _prepare(tokenizer_dirs[variant], [source], tmp_path / "out")
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dirs[variant]))
+    eot = EOT[variant.split("-")[0]]
+    rows = sorted(datasets.load_from_disk(str(tmp_path / "out")).with_format(None), key=lambda r: r["seq_len"])
+    cut, whole = rows
+    assert cut["input_ids"] == whole["input_ids"][: cut["seq_len"]]
+    assert tokenizer.convert_tokens_to_ids(eot) not in cut["input_ids"][-3:]
+    assert supervised_spans(tokenizer, cut["input_ids"], cut["loss_mask"]) == [
+        "Not yet." + eot,
+        "The stream runs at 42 tokens per",
+    ]
+    assert supervised_spans(tokenizer, whole["input_ids"], whole["loss_mask"])[-1].endswith("per" + eot)
