@@ -4,7 +4,10 @@ The command line over two runs: ``--spill DIR`` writes ``hs_{i}.safetensors`` fi
 (``producer.spill_run``), ``--connect ENDPOINT...`` streams samples to the trainer ranks that grant
 the rows (``producer.stream_run``). Flags are checked by ``producer.run_config.ProduceConfig``.
 SIGINT/SIGTERM stop either run after the current batch (``protocol.signals.StopSignals``); a spill
-run stopped early resumes when the same command runs again.
+run stopped early resumes when the same command runs again. A streaming run that a stop cannot
+reach where it blocks (loading the target, a send to a trainer that is gone) exits
+``STOP_DEADLINE_S`` after the signal, with 128 + its number: it holds nothing a trainer cannot get
+again from another producer. (A spill run always finishes its batch and writes its report.)
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from producer.stream_run import stream
 from protocol.cli import DefaultsHelpFormatter, config_defaults
 from protocol.logs import setup_logging
 from protocol.signals import StopSignals
+
+STOP_DEADLINE_S = 10.0  # a stop that has not ended the run by then ends the process
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.producer_id or f"producer-{args.rank}")
-    with StopSignals("stopping after this batch") as signals:
+    deadline = STOP_DEADLINE_S if args.connect else None
+    with StopSignals("stopping after this batch", deadline_s=deadline) as signals:
         try:
             config = ProduceConfig(**vars(args))
             if config.connect:

@@ -32,6 +32,8 @@ def stream(config: ProduceConfig, *, stop: threading.Event | None = None) -> int
 
     data = PreparedDataset(config.data, flag="--data")
     layer_ids, _ = captured_layout(config)
+    if stop is not None and stop.is_set():  # stopped before the target was loaded: nothing to serve
+        return 0
     backend = make_backend(config, layer_ids=layer_ids)
     spec = dataclasses.replace(backend.describe(), dataset_fingerprint=data.fingerprint)
     log.info("target: %s", spec)

@@ -12,7 +12,10 @@ The trainer owns the run: when it exits, producers are told to stop (they normal
 ``EndOfStream``) and the run exits with the trainer's code. A child that dies ends the run with a
 message naming it and a non-zero exit, except producers under ``--tolerate-producer-failures``
 (their leases go to the others; the run fails only when none is left). SIGINT/SIGTERM are passed
-to the trainer, which writes a checkpoint and exits; producers follow.
+to every child as SIGTERM: the trainer writes a checkpoint at its next step boundary (or at once
+if it is waiting for data) and exits 143, producers stop within seconds; a stop asked for is not
+an error. Before any child starts, ``train``'s flags are checked (``train.check_stream_flags``), so
+a flag error or a ``--buffer-bytes`` too small for the plan is one line, not a target load later.
 
 Everything after ``--`` goes to ``draftstream train`` unchanged; ``--producer-args`` to each producer.
 """
@@ -121,15 +124,21 @@ def _terminate(children: list[Child], grace: float) -> None:
 def run(args: argparse.Namespace, train_args: list[str]) -> int:
     save = Path(args.save_path)
     logs = save / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     trainer_cmd, producer_cmds = build_commands(args, train_args)
     if args.dry_run:
         print(shlex.join(trainer_cmd))
         for cmd in producer_cmds:
             print(shlex.join(cmd))
         return 0
+    from trainer.train import check_stream_flags  # torch and the dataset: not for --help or --dry-run
 
-    with StopSignals("asking the trainer to checkpoint and stop") as stop:
+    try:
+        check_stream_flags(trainer_cmd[trainer_cmd.index("train") + 1 :], world_size=args.nproc_per_node)
+    except (ValueError, OSError) as e:
+        print(f"draftstream run: error: {e}", file=sys.stderr)
+        return 2
+    logs.mkdir(parents=True, exist_ok=True)
+    with StopSignals("asking the trainer to checkpoint and stop, and the producers to stop") as stop:
         return _supervise(args, logs, trainer_cmd, producer_cmds, stop)
 
 
@@ -137,7 +146,7 @@ def _supervise(
     args: argparse.Namespace, logs: Path, trainer_cmd: list[str], producer_cmds: list[list[str]], stop: StopSignals
 ) -> int:
     """Start the children and watch them until the trainer exits (or one fails); every stop signal
-    is forwarded to the trainer as SIGTERM."""
+    is forwarded to every child as SIGTERM."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     trainer_env = {**env, "CUDA_VISIBLE_DEVICES": args.trainer_gpus} if args.trainer_gpus else env
@@ -163,16 +172,24 @@ def _supervise(
         logs,
     )
     exit_code = 0
+    stopping: int | None = None  # the first stop signal received
     reported: set[str] = set()  # producers whose death was already logged
     try:
         while True:
             signum = stop.consume()
             if signum is not None:
-                logger.warning("signal %d: asking the trainer to checkpoint and stop", signum)
-                trainer.process.send_signal(signal.SIGTERM)
+                stopping = stopping or signum
+                logger.warning(
+                    "signal %d: asking the trainer to checkpoint and stop, and the producers to stop", signum
+                )
+                for child in [trainer, *producers]:
+                    if child.process.poll() is None:
+                        child.process.send_signal(signal.SIGTERM)
             if trainer.process.poll() is not None:
                 exit_code = trainer.process.returncode
-                if exit_code != 0:
+                if stopping is not None:
+                    exit_code = _stopped(trainer, stopping)
+                elif exit_code != 0:
                     logger.error("%s", trainer.describe_exit())
                 break
             alive = []
@@ -180,19 +197,20 @@ def _supervise(
                 code = child.process.poll()
                 if code is None:
                     alive.append(child)
-                elif code != 0 and not args.tolerate_producer_failures:
+                elif code != 0 and stopping is None and not args.tolerate_producer_failures:
                     logger.error(
                         "%s; stopping the run (--tolerate-producer-failures to carry on)", child.describe_exit()
                     )
                     _terminate([trainer], args.grace_seconds)
                     exit_code = code if code > 0 else 1
                     return exit_code
-                elif code != 0 and child.name not in reported:
+                elif code != 0 and stopping is None and child.name not in reported:
                     reported.add(child.name)
                     logger.warning("%s; its work goes to the remaining producers", child.describe_exit())
             # All producers failed (none left because the trainer ended the stream): stop.
             if (
-                producers
+                stopping is None
+                and producers
                 and not alive
                 and trainer.process.poll() is None
                 and all(c.process.returncode != 0 for c in producers)
@@ -207,6 +225,20 @@ def _supervise(
             args.grace_seconds,
         )
     return exit_code
+
+
+def _stopped(trainer: Child, signum: int) -> int:
+    """The run's exit code after a stop signal, reported as the stop it is (not as an error)."""
+    code = trainer.process.returncode
+    if code == 0:
+        logger.info("the trainer finished as the stop arrived")
+        return 0
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        logger.info("stopped on request: the trainer wrote its checkpoint; run the same command to resume")
+        return code
+    # torchrun ends with its own code when its workers stop on a signal.
+    logger.warning("stopped on request; %s (its log says whether it wrote a checkpoint)", trainer.describe_exit())
+    return 128 + signum
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--grace-seconds", type=float, default=60.0, help="how long children get to stop before being killed"
     )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        default=None,
+        help="passed to `draftstream train`: fit the lr schedule to this many seconds of training and stop "
+        "there with a checkpoint (see `draftstream train --help`)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     return parser
 
@@ -249,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_producers < 1 or args.nproc_per_node < 1:
         raise SystemExit("draftstream run: --num-producers and --nproc-per-node must be >= 1")
+    if args.time_budget is not None:
+        train_args = [*train_args, "--time-budget", str(args.time_budget)]
     if args.stream_endpoint is None:
         args.stream_endpoint = "ipc://" + tempfile.mkdtemp(prefix="draftstream-")
     setup_logging("run")

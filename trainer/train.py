@@ -20,9 +20,10 @@ Flags map onto ``LoopConfig`` (``trainer.training.config``) and ``DraftConfig``
 validation (``config_from_args``); a model flag left at ``None`` means "the ``DraftConfig`` default"
 and, on resume, "whatever the checkpoint has".
 
-Exit status: 0 when training completed (or ``--max-steps`` was reached), 2 for a usage or data
-error found before training, 128 + signal number (130 SIGINT, 143 SIGTERM) when a signal stopped
-the run after writing ``<save-path>/latest/`` (run the same command to continue).
+Exit status: 0 when training completed (or ``--max-steps`` or ``--time-budget`` was reached), 2 for
+a usage or data error found before training, 128 + signal number (130 SIGINT, 143 SIGTERM) when a
+signal stopped the run after writing ``<save-path>/latest/`` (run the same command to continue);
+a signal also ends a wait for data that may not come (no producer delivering).
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ import torch
 from protocol.cli import DefaultsHelpFormatter, config_defaults
 from protocol.codec import DTYPES
 from protocol.sockets import CurveKeys
-from protocol.target import TargetSpec, aux_layer_ids, checkpoint_dtype
+from protocol.target import TargetSpec, aux_layer_ids, checkpoint_dtype, sample_nbytes
 from trainer.data.sources import ON_MISSING, VAL_RATIO
 from trainer.models.config import ATTENTION_BACKENDS, DRAFT_ARCHS, LOSS_FUNCTIONS, SPECULATOR_TYPES, DraftConfig
-from trainer.stream.config import BATCHES_BUFFERED, StreamConfig
+from trainer.stream.config import BATCHES_BUFFERED, BUFFER_HEADROOM, StreamConfig, peak_live_bytes
 from trainer.stream.source import StreamSampleSource
 from trainer.training.config import OPTIMIZERS, PRECISIONS, SCHEDULERS, TRACKERS, LoopConfig
 
@@ -168,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--buffer-bytes",
         type=int,
         default=None,
-        help=f"replay buffer budget per rank (default: {BATCHES_BUFFERED} full batches)",
+        help=f"replay buffer budget per rank; default: what the flags need, {BUFFER_HEADROOM:g} x the most bytes "
+        f"that samples waiting for their next --reuse use hold at once, and at least {BATCHES_BUFFERED} full batches. "
+        "A smaller value is refused before training starts",
     )
     g.add_argument(
         "--lease-seconds",
@@ -215,6 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-path", default="./checkpoints")
     g.add_argument("--epochs", type=int, default=_LOOP["epochs"])
     g.add_argument("--max-steps", type=int, default=_LOOP["max_steps"], help="stop after this many optimizer steps")
+    g.add_argument(
+        "--time-budget",
+        dest="time_budget_seconds",
+        type=float,
+        metavar="SECONDS",
+        default=_LOOP["time_budget_seconds"],
+        help="train for this many wall-clock seconds: after timing the first steps, the lr schedule is fitted "
+        "(and refitted every step) to the steps that fit in the time left, so it ends when the budget does; "
+        "the run then validates, writes an epoch checkpoint and exits 0. Counted from the first step, across "
+        "resumes; never longer than --epochs / --max-steps",
+    )
     g.add_argument("--lr", type=float, default=_LOOP["lr"])
     g.add_argument("--optimizer", default=_LOOP["optimizer"], choices=OPTIMIZERS)
     g.add_argument("--weight-decay", type=float, default=_LOOP["weight_decay"])
@@ -323,7 +337,16 @@ def main(argv: list[str] | None = None, *, make_file_source: Callable | None = N
                     raise ValueError(
                         "give --hidden-states-path (files) or --stream-endpoint (live producers), not both"
                     )
-                source = _stream_source(args, env, dataset, verifier_config, aux_ids)
+                source = _stream_source(
+                    args,
+                    env,
+                    dataset,
+                    verifier_config,
+                    aux_ids,
+                    loop_config=loop_config,
+                    train_ids=train_ids,
+                    val_ids=val_ids,
+                )
                 num_captured, hs_dtype = len(aux_ids) + 1, DTYPES[source.target.dtype]
             else:
                 hs_dir = args.hidden_states_path or str(Path(args.data_path) / "hidden_states")
@@ -395,58 +418,140 @@ def main(argv: list[str] | None = None, *, make_file_source: Callable | None = N
             env.world_size,
             trainer.total_steps,
         )
+        result = None
         try:
             result = trainer.fit()
         finally:
-            source.close("training finished")
+            source.close(
+                "trainer failed" if result is None else "trainer stopped" if result.signal else "training finished"
+            )
         logger.info("%s at global step %d", result.status, result.global_step)
         return 128 + result.signal if result.status == "interrupted" and result.signal else 0
     finally:
         close_distributed(env)
 
 
-def _stream_source(args: argparse.Namespace, env, dataset, verifier_config: dict, aux_ids: list[int]):
-    """This rank's live sample source: binds its endpoints and waits for producers."""
-    num_layers = int(verifier_config["num_hidden_layers"])
+def _target_spec(args: argparse.Namespace, dataset, verifier_config: dict, aux_ids: list[int]) -> TargetSpec:
+    """What this rank's producers must capture: the handshake's reference."""
     dtype = args.target_dtype or checkpoint_dtype(verifier_config)
     if dtype not in DTYPES:
         raise ValueError(f"--target-dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    target = TargetSpec(
+    return TargetSpec(
         target_model=args.verifier_name_or_path,
-        layer_ids=[*aux_ids, num_layers],
+        layer_ids=[*aux_ids, int(verifier_config["num_hidden_layers"])],
         hidden_size=int(verifier_config["hidden_size"]),
         dtype=dtype,
         vocab_size=int(verifier_config["vocab_size"]),
         dataset_fingerprint=dataset.fingerprint,
     )
+
+
+def planned_peak_bytes(
+    loop_config: LoopConfig,
+    dataset,
+    target: TargetSpec,
+    train_ids: list[int],
+    val_ids: list[int],
+    *,
+    world_size: int,
+    ranks: list[int],
+) -> list[int]:
+    """For each of ``ranks``, the most bytes its replay buffer must hold at once over every epoch's
+    planned fetch order (``StreamConfig.planned_peak_bytes``): what ``--reuse`` keeps waiting for
+    its next use."""
+    from trainer.training.loop import plan_epochs, plan_validation, planned_fetch_orders
+
+    ids = [*train_ids, *val_ids]
+    length = dict(zip(ids, dataset.lengths(ids)))
+    dtype = DTYPES[target.dtype]
+    nbytes = {sid: sample_nbytes(n, len(target.layer_ids), target.hidden_size, dtype) for sid, n in length.items()}
+    plans = plan_epochs(loop_config, train_ids, [length[i] for i in train_ids], world_size)
+    val_plan = plan_validation(loop_config, val_ids, [length[i] for i in val_ids], world_size)
+    return [
+        max(
+            (
+                peak_live_bytes(ids, nbytes.__getitem__)
+                for ids in planned_fetch_orders(loop_config, plans, val_plan, rank=r)
+            ),
+            default=0,
+        )
+        for r in ranks
+    ]
+
+
+def _stream_config(args: argparse.Namespace, *, rank: int, planned_peak: int) -> StreamConfig:
+    """This rank's ``StreamConfig``; refuses a ``--buffer-bytes`` below ``planned_peak``."""
     curve = None
     if args.curve_secret_key:
         authorized = Path(args.curve_authorized_keys) if args.curve_authorized_keys else None
         curve = CurveKeys(secret_file=Path(args.curve_secret_key), authorized_keys_dir=authorized)
     socket = dataclasses.replace(StreamConfig.default_socket(), allow_remote=args.allow_remote, curve=curve)
-    config = config_from_args(
+    return config_from_args(
         StreamConfig,
         args,
-        rank=env.rank,
+        rank=rank,
         endpoint=args.stream_endpoint,
         batch_tokens=args.total_seq_len * args.grad_accum_steps,
+        planned_peak_bytes=planned_peak,
         socket=socket,
     )
+
+
+def _stream_source(
+    args: argparse.Namespace,
+    env,
+    dataset,
+    verifier_config: dict,
+    aux_ids: list[int],
+    *,
+    loop_config: LoopConfig,
+    train_ids: list[int],
+    val_ids: list[int],
+):
+    """This rank's live sample source: binds its endpoints and waits for producers."""
+    target = _target_spec(args, dataset, verifier_config, aux_ids)
+    [peak] = planned_peak_bytes(
+        loop_config, dataset, target, train_ids, val_ids, world_size=env.world_size, ranks=[env.rank]
+    )
+    config = _stream_config(args, rank=env.rank, planned_peak=peak)
     if args.spill_dir:
         Path(args.spill_dir).mkdir(parents=True, exist_ok=True)
     source = StreamSampleSource(
         config,
         target,
         lengths=lambda sid: dataset.lengths([sid])[0],
-        expected_tokens=lambda sid: dataset.row(sid)[0],
+        expected_row=dataset.row,
+        max_tokens=max(dataset.lengths(range(len(dataset))), default=0),
     ).start()
     logger.info(
-        "streaming: control %s, data %s, buffer %.1f MB",
+        "streaming: control %s, data %s, buffer %.1f MB (the plan holds at most %.1f MB at once)",
         source.control_endpoint,
         source.data_endpoint,
         source.buffer.budget_bytes / 1e6,
+        peak / 1e6,
     )
     return source
+
+
+def check_stream_flags(argv: list[str], *, world_size: int) -> None:
+    """What ``draftstream run`` checks before it starts producers: ``train``'s flags parse and
+    validate, and every rank's replay buffer can hold its plan. Raises ``ValueError`` naming the
+    flag (a flag that does not parse exits like ``train`` would)."""
+    from protocol.dataset import PreparedDataset
+    from trainer.data.sources import split_train_val
+    from trainer.models.verifier import read_verifier_config
+
+    args = build_parser().parse_args(argv)
+    loop_config = config_from_args(LoopConfig, args, progress=False)
+    verifier_config = read_verifier_config(args.verifier_name_or_path)
+    aux_ids = aux_layer_ids(args.target_layer_ids, int(verifier_config["num_hidden_layers"]))
+    dataset = PreparedDataset(args.data_path)
+    train_ids, val_ids = split_train_val(len(dataset), val_ratio=_val_ratio(args), seed=args.seed)
+    target = _target_spec(args, dataset, verifier_config, aux_ids)
+    ranks = list(range(world_size))
+    peaks = planned_peak_bytes(loop_config, dataset, target, train_ids, val_ids, world_size=world_size, ranks=ranks)
+    for rank, peak in zip(ranks, peaks):
+        _stream_config(args, rank=rank, planned_peak=peak)
 
 
 def _token_freq(args: argparse.Namespace) -> dict[int, int] | None:

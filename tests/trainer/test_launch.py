@@ -27,6 +27,7 @@ from protocol.dataset import PreparedDataset
 from trainer.data.plan import BatchPlan
 from trainer.data.sources import split_train_val
 from trainer.training.accounting import read_accounting
+from trainer.training.checkpoint import read_training_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiproc]
 
@@ -397,6 +398,8 @@ def test_curve_over_tcp_admits_the_authorized_producer_only(workload, tmp_path):
 
 
 def test_reuse_trains_each_sample_k_times_while_the_target_runs_once(workload, tmp_path):
+    """``--reuse 3`` with the default window and no ``--buffer-bytes``: the window is the whole
+    epoch here, more than the fixed default of 4 batches; the default buffer fits it."""
     save = tmp_path / "save"
     cmd = [
         *CLI,
@@ -414,13 +417,70 @@ def test_reuse_trains_each_sample_k_times_while_the_target_runs_once(workload, t
         "2",
         "--reuse",
         "3",
-        "--reuse-window",
-        "8",
         *TRAIN_ARGS,
     ]
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_record_matches_plan(save, expected_record(workload["data"], epochs=2, world=1, reuse=3, reuse_window=8))
+    assert_record_matches_plan(save, expected_record(workload["data"], epochs=2, world=1, reuse=3))
     rows = len(PreparedDataset(workload["data"]))
     log = (save / "logs" / "producer-0.log").read_text()
     assert f"streamed {2 * rows} samples" in log  # train + validation rows, once per epoch
+
+
+def _run_cmd(workload, save, endpoint, *train_args, num_producers=2):
+    return [
+        *CLI,
+        "run",
+        "--model",
+        workload["model"],
+        "--data",
+        workload["data"],
+        "--save-path",
+        str(save),
+        "--stream-endpoint",
+        f"ipc://{endpoint}",
+        "--num-producers",
+        str(num_producers),
+        "--",
+        *TRAIN_ARGS,
+        *train_args,
+    ]
+
+
+def test_run_refuses_a_buffer_too_small_for_reuse_before_starting_anything(workload, tmp_path):
+    save = tmp_path / "save"
+    cmd = _run_cmd(workload, save, tmp_path / "ep", "--reuse", "3", "--buffer-bytes", "100000")
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("draftstream run: error: rank 0: samples waiting"), done.stderr
+    assert "--buffer-bytes" in lines[0] and not (save / "logs").exists()  # no producer was started
+
+
+def test_run_stops_cleanly_on_sigterm(workload, tmp_path):
+    """SIGTERM to `run` mid-training: the trainer checkpoints and exits 143, the producers are gone
+    within seconds, and nothing is reported as an error."""
+    save, endpoint = tmp_path / "save", tmp_path / "ep"
+    run = subprocess.Popen(
+        _run_cmd(workload, save, endpoint, "--epochs", "50"),
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(lambda: steps_recorded(save) >= 3, 120, "training to start")
+        assert len(pids_with(" produce ", str(endpoint))) == 2
+        sent = time.monotonic()
+        run.send_signal(signal.SIGTERM)
+        out, _ = run.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        run.kill()
+    assert run.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert took < 20, took  # the producers' stop deadline is 10 s; the default grace is 60 s
+    assert pids_with(" produce ", str(endpoint)) == []
+    assert not [line for line in out.splitlines() if " ERROR " in line], out[-3000:]
+    assert "stopped on request" in out
+    state = read_training_state(save / "latest")
+    assert state["global_step"] == steps_recorded(save)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 
 import pytest
@@ -224,3 +225,76 @@ def test_flags_map_onto_the_configs_with_their_defaults():
     assert _draft_kwargs(args) == {"num_layers": DraftConfig.num_layers}
     given = build_parser().parse_args(["--verifier-name-or-path", "m", "--ttt-steps", "5", "--no-fc-norm"])
     assert _draft_kwargs(given) == {"num_layers": 1, "ttt_steps": 5, "fc_norm": False}
+
+
+def _stream_flags(offline, save, endpoint, *extra):
+    model, data, _ = offline
+    return [
+        "--verifier-name-or-path",
+        str(model),
+        "--data-path",
+        str(data),
+        "--save-path",
+        str(save),
+        "--stream-endpoint",
+        f"ipc://{endpoint}",
+        "--draft-vocab-size",
+        "256",
+        "--total-seq-len",
+        "96",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_buffer_bytes_default_fits_reuse_and_a_smaller_one_is_refused_up_front(offline_dataset, tmp_path, caplog):
+    from protocol.target import sample_nbytes
+    from trainer.stream.config import BATCHES_BUFFERED
+    from trainer.train import check_stream_flags
+
+    argv = _stream_flags(offline_dataset, tmp_path / "ckpt", tmp_path / "ep", "--reuse", "3")
+    check_stream_flags(argv, world_size=2)  # no --buffer-bytes: the default holds the plan
+    with pytest.raises(ValueError, match="rank 0: samples waiting for their next use need .* --buffer-bytes is"):
+        check_stream_flags([*argv, "--buffer-bytes", "100000"], world_size=2)
+    # `train` refuses it the same way, in one line, before binding a socket a producer could reach.
+    assert main([*argv, "--buffer-bytes", "100000"]) == 2
+    assert "--buffer-bytes is 0.1 MB" in caplog.text and "Traceback" not in caplog.text
+    assert not (tmp_path / "ep").exists() or not any((tmp_path / "ep").iterdir())
+    # What --reuse 3 keeps waiting is more than the fixed default (BATCHES_BUFFERED batches), which
+    # is what made such runs fail when they started training.
+    need_mb = float(re.search(r"need ([\d.]+) MB", caplog.text).group(1))
+    fixed = BATCHES_BUFFERED * sample_nbytes(96, 4, 64, torch.float32)
+    assert need_mb * 1e6 > fixed
+
+
+def test_sigterm_ends_a_trainer_waiting_for_data_with_a_checkpoint(offline_dataset, tmp_path):
+    """No producer ever connects: the loop waits in fetch; SIGTERM writes latest/ and returns 143
+    within seconds instead of waiting for --stall-timeout. (--reuse 3 with the default buffer.)"""
+    import signal
+    import threading
+    import time
+
+    from protocol import signals
+
+    save = tmp_path / "ckpt"
+    argv = _stream_flags(offline_dataset, save, tmp_path / "ep", "--reuse", "3", "--stall-timeout", "600")
+    sent = []
+
+    def stop_when_waiting():
+        deadline = time.monotonic() + 120
+        while not signals._active and time.monotonic() < deadline:  # the loop's handlers are in place
+            time.sleep(0.05)
+        time.sleep(1.0)  # the loop is waiting for its first batch
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # a signal too early must not end pytest
+    try:
+        threading.Thread(target=stop_when_waiting, daemon=True).start()
+        code = main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 128 + signal.SIGTERM
+    assert sent and time.monotonic() - sent[0] < 8
+    state = ckpt.read_training_state(save / ckpt.MID_EPOCH_NAME)
+    assert state["global_step"] == 0 and state["step_in_epoch"] == 0

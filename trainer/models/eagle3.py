@@ -12,9 +12,10 @@ attends to the step-0 causal context of its document plus its own position in ev
 (``attention.ttt_mask_mod``).
 
 Loss: per step a masked mean of the per-position divergence, summed over steps with weight
-``ttt_step_loss_decay**s``. Metrics per step s: ``loss_{s}``, ``full_acc_{s}`` (the chain started
-at p matches the verifier's argmax at every step <= s), ``cond_acc_{s}`` (matches at s given it
-matched at all steps < s); both over chains whose steps 0..s are all supervised.
+``ttt_step_loss_decay**s``. Metrics per step s: ``loss_{s}``, and ``acc_{s}``, ``full_acc_{s}``
+(the chain started at p matches the verifier's argmax at every step <= s), ``cond_acc_{s}``
+(matches at s given it matched at all steps < s) as ``losses.ChainAccuracy`` defines them for both
+drafts.
 
 Shape letters: N packed tokens (rows flattened), H hidden, X = A*H (the aux layers concatenated),
 S the step's supervised positions, D draft vocab.
@@ -28,7 +29,7 @@ from trainer.data.batch import PackedBatch
 from trainer.models.attention import AttentionMask, resolve_backend, ttt_mask_mod
 from trainer.models.base import DraftModel, DraftOutput, flatten_rows, shift_left
 from trainer.models.layers import KVCache
-from trainer.models.losses import mean_over, per_position_loss, ratio
+from trainer.models.losses import ChainAccuracy, mean_over, per_position_loss
 
 
 class Eagle3Draft(DraftModel):
@@ -45,10 +46,7 @@ class Eagle3Draft(DraftModel):
 
         loss = hidden_1NH.new_zeros((), dtype=torch.float32)
         metrics: dict[str, torch.Tensor] = {}
-        # A chain starts at every position; it counts for step s's accuracy when steps 0..s are
-        # all supervised, and is right while every step so far matched the verifier's argmax.
-        chain_N = torch.ones(n, dtype=torch.bool, device=device)
-        supervised_N = torch.ones(n, dtype=torch.bool, device=device)
+        chains = ChainAccuracy(n, device)  # one chain starts at every position
         num_loss_tokens = None
         for step in range(cfg.ttt_steps):
             shift = 1 + step
@@ -74,12 +72,8 @@ class Eagle3Draft(DraftModel):
             with torch.no_grad():
                 correct_N = torch.zeros_like(label_N)
                 correct_N[at_S] = logits_SD.argmax(-1) == target_ids_N[at_S + shift]
-                supervised_N = supervised_N & label_N
-                before_N = chain_N & supervised_N
-                chain_N = chain_N & correct_N
                 metrics[f"loss_{step}"] = step_loss.detach()
-                metrics[f"full_acc_{step}"] = ratio((chain_N & supervised_N).sum(), supervised_N.sum())
-                metrics[f"cond_acc_{step}"] = ratio((chain_N & supervised_N).sum(), before_N.sum())
+                metrics.update(chains.add(step, label_N, correct_N))
             if num_loss_tokens is None:
                 num_loss_tokens = label_N.sum()
         metrics["loss"] = loss.detach()

@@ -32,3 +32,32 @@ def mean_over(values_S: torch.Tensor) -> torch.Tensor:
 def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """A detached fp32 rate; 0 when nothing was counted."""
     return (numerator.float() / denominator.float().clamp(min=1)).detach()
+
+
+class ChainAccuracy:
+    """Agreement of the draft's chains with the verifier's argmax, step by step: one definition for
+    both drafts, so their metric names mean the same. Step ``k`` is the (k+1)-th drafted token:
+    the TTT step for Eagle-3, the depth for P-EAGLE. A chain is anchored at each position.
+
+    ``add(k, label_N, correct_N)``: ``label_N`` says which chains have a supervised step ``k``
+    (P-EAGLE: sampled and labelled), ``correct_N`` which of those the draft got right. Metrics of
+    step k: ``acc_{k}`` (right among chains supervised at k), ``full_acc_{k}`` (right at every step
+    0..k, among chains supervised at every step 0..k) and ``cond_acc_{k}`` (right at k among those,
+    right at 0..k-1), whose running product is the chance that k+1 drafted tokens are accepted.
+    """
+
+    def __init__(self, n: int, device: torch.device):
+        self.right_N = torch.ones(n, dtype=torch.bool, device=device)
+        self.supervised_N = torch.ones(n, dtype=torch.bool, device=device)
+
+    @torch.no_grad()
+    def add(self, k: int, label_N: torch.Tensor, correct_N: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.supervised_N &= label_N
+        before_N = self.right_N & self.supervised_N
+        self.right_N &= correct_N
+        through = (self.right_N & self.supervised_N).sum()
+        return {
+            f"acc_{k}": ratio((correct_N & label_N).sum(), label_N.sum()),
+            f"full_acc_{k}": ratio(through, self.supervised_N.sum()),
+            f"cond_acc_{k}": ratio(through, before_N.sum()),
+        }

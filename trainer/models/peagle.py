@@ -15,8 +15,11 @@ element attends to the depth-0 elements of its document up to its anchor and to 
 lower depths (``attention.cod_mask_mod``). All randomness comes from ``generator`` so a resumed
 run draws the same elements.
 
-Loss: one masked mean over all elements, no depth decay. Metrics: ``position_{d}_acc`` (argmax
-agreement at depth d) and ``full_acc`` (over all depths), ``loss``.
+Loss: one masked mean over all elements, no depth decay. Metrics per depth d: ``loss_{d}`` (the
+mean over depth d's elements), and ``acc_{d}``, ``full_acc_{d}``, ``cond_acc_{d}`` over the chains
+(by anchor) as ``losses.ChainAccuracy`` defines them for both drafts: a chain sampled at depth d
+is present at every lower depth, so "right at every depth <= d" is known for it. Also, under their
+earlier names: ``position_{d}_acc`` (= ``acc_{d}``) and ``full_acc`` (agreement over all elements).
 
 Shape letters: N packed tokens (rows flattened), E sampled elements, S the supervised ones among
 them, H hidden, X = A*H (the aux layers concatenated), D draft vocab.
@@ -31,7 +34,7 @@ from trainer.data.batch import PackedBatch
 from trainer.models.attention import AttentionMask, cod_mask_mod, resolve_backend
 from trainer.models.base import DraftModel, DraftOutput, flatten_rows, shift_left
 from trainer.models.config import DraftConfig
-from trainer.models.losses import mean_over, per_position_loss, ratio
+from trainer.models.losses import ChainAccuracy, mean_over, per_position_loss, ratio
 
 
 def cod_sample(
@@ -104,13 +107,26 @@ class PEagleDraft(DraftModel):
         at_S = torch.nonzero(label_E).squeeze(1)
         logits_SD = self.lm_head(self.norm(out_1EH[0, at_S]))
         target_SD = self.verifier_logits(rows.last_NH[position_E[at_S] + 1])
-        loss = mean_over(per_position_loss(logits_SD, target_SD, cfg.loss_fn))
+        loss_S = per_position_loss(logits_SD, target_SD, cfg.loss_fn)
+        loss = mean_over(loss_S)
 
         with torch.no_grad():
             correct_S = logits_SD.argmax(-1) == target_SD.argmax(-1)
+            correct_E = torch.zeros_like(label_E)
+            correct_E[at_S] = correct_S
             depth_S = depth_E[at_S]
             metrics = {"loss": loss.detach(), "full_acc": ratio(correct_S.sum(), label_E.sum())}
+            n = rows.input_ids_N.shape[0]
+            chains = ChainAccuracy(n, device)
             for depth in range(cfg.num_depths):
                 at_depth_S = depth_S == depth
+                metrics[f"loss_{depth}"] = mean_over(loss_S[at_depth_S]).detach()
                 metrics[f"position_{depth}_acc"] = ratio((correct_S & at_depth_S).sum(), at_depth_S.sum())
+                # A chain is its anchor: depth d holds at most one element per anchor.
+                at_E = depth_E == depth
+                label_N = torch.zeros(n, dtype=torch.bool, device=device)
+                correct_N = torch.zeros(n, dtype=torch.bool, device=device)
+                label_N[anchor_E[at_E]] = label_E[at_E]
+                correct_N[anchor_E[at_E]] = correct_E[at_E]
+                metrics.update(chains.add(depth, label_N, correct_N))
         return DraftOutput(loss=loss, metrics=metrics, num_loss_tokens=label_E.sum())

@@ -35,17 +35,26 @@ far ahead as the buffer's byte budget allows, to whichever producer has room.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 
 import torch
 
 from protocol.codec import DTYPES
+from protocol.signals import StopRequested, stop_requested
 from protocol.target import TargetSpec, sample_nbytes
 from trainer.data.sources import FetchResult, SampleSource
-from trainer.stream.config import StreamConfig
+from trainer.stream.config import StreamConfig, peak_live_bytes
 from trainer.stream.replay import BufferTimeout, Nonfinite, ReplayBuffer
 from trainer.stream.wire import StreamIO
+
+
+def largest_sample_bytes(num_tokens: int, target: TargetSpec) -> int:
+    """Bytes of the largest Sample message of ``num_tokens`` tokens: hidden states, int64 token ids
+    and loss mask (the widest the protocol allows), and room for the header."""
+    hidden = sample_nbytes(num_tokens, len(target.layer_ids), target.hidden_size, DTYPES[target.dtype])
+    return hidden + 16 * num_tokens + (64 << 10)
 
 
 class StreamSampleSource(SampleSource):
@@ -58,17 +67,26 @@ class StreamSampleSource(SampleSource):
         target: TargetSpec,
         *,
         lengths: Callable[[int], int],
-        expected_tokens: Callable[[int], torch.Tensor] | None = None,
+        expected_row: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        max_tokens: int | None = None,
     ):
+        """``lengths(sample_id)``: the prepared row's length; ``expected_row(sample_id)``: its token ids
+        and loss mask, which every received sample must equal (None: only lengths are checked);
+        ``max_tokens``: the longest row (default: a batch's tokens), which bounds a message's size."""
         if target.dtype not in DTYPES:
             raise ValueError(f"target dtype {target.dtype!r} is not one the protocol carries")
+        # A message (and so each frame, ZMQ_MAXMSGSIZE) larger than the largest possible sample is
+        # refused; a frame over that size by libzmq itself, before it is assembled.
+        largest = largest_sample_bytes(max(max_tokens or 0, config.batch_tokens), target)
+        if config.socket.max_message_bytes > largest:
+            config = dataclasses.replace(config, socket=dataclasses.replace(config.socket, max_message_bytes=largest))
         self.config = config
         self.target = target
         self._length_of = lengths
         self._dtype = DTYPES[target.dtype]
         self.buffer = ReplayBuffer(config.buffer_budget(target))
         self._io = StreamIO(
-            config, target, self.buffer, lengths=lengths, nbytes=self._nbytes, expected_tokens=expected_tokens
+            config, target, self.buffer, lengths=lengths, nbytes=self._nbytes, expected_row=expected_row
         )
         self.control_endpoint, self.data_endpoint = self._io.control_endpoint, self._io.data_endpoint
         self._fetch_order: collections.deque[tuple[int, int]] = collections.deque()
@@ -86,7 +104,8 @@ class StreamSampleSource(SampleSource):
         if peak > self.buffer.budget_bytes:
             raise ValueError(
                 f"rank {self.config.rank}: samples waiting for their next use need {peak / 1e6:.1f} MB at once but "
-                f"--buffer-bytes is {self.buffer.budget_bytes / 1e6:.1f} MB; raise it or lower --reuse-window / --total-seq-len"
+                f"--buffer-bytes is {self.buffer.budget_bytes / 1e6:.1f} MB; raise --buffer-bytes (or leave it out: the "
+                "default fits the flags), or lower --reuse / --reuse-window / --total-seq-len"
             )
         with self._order_lock:
             self._fetch_order.extend((epoch, sid) for sid in ids)
@@ -101,21 +120,8 @@ class StreamSampleSource(SampleSource):
         )
 
     def peak_live_bytes(self, sample_ids: Sequence[int]) -> int:
-        """Most bytes held at once when fetching ``sample_ids`` in order: a sample occupies the
-        buffer from just before its first use until its last. Above the budget, the rank would
-        wait forever for room that only its own future uses can free."""
-        last_use = {sid: i for i, sid in enumerate(sample_ids)}
-        live: set[int] = set()
-        held = peak = 0
-        for i, sid in enumerate(sample_ids):
-            if sid not in live:
-                live.add(sid)
-                held += self._nbytes(sid)
-                peak = max(peak, held)
-            if last_use[sid] == i:
-                live.discard(sid)
-                held -= self._nbytes(sid)
-        return peak
+        """Most bytes held at once when fetching ``sample_ids`` in order (``config.peak_live_bytes``)."""
+        return peak_live_bytes(sample_ids, self._nbytes)
 
     def fetch(self, sample_ids: Sequence[int]) -> FetchResult:
         with self._order_lock:
@@ -128,8 +134,14 @@ class StreamSampleSource(SampleSource):
             raise RuntimeError(
                 f"fetch order diverged from the schedule: asked {list(sample_ids)[:8]}, scheduled {keys[:8]}"
             )
+
+        def check() -> None:
+            self._check()
+            if stop_requested():  # a stop signal: the loop checkpoints instead of waiting on
+                raise StopRequested(f"rank {self.config.rank}: a stop signal ended the wait for samples")
+
         try:
-            got = self.buffer.take(keys, timeout=self.config.stall_timeout_seconds, check=self._check)
+            got = self.buffer.take(keys, timeout=self.config.stall_timeout_seconds, check=check)
         except BufferTimeout as e:
             raise BufferTimeout(
                 f"rank {self.config.rank}: {e} within --stall-timeout={self.config.stall_timeout_seconds}s; "

@@ -27,6 +27,7 @@ class LoopConfig:
     epochs: int = 20
     lr: float = 1e-4
     max_steps: int | None = None  # global optimizer steps; None = all epochs
+    time_budget_seconds: float | None = None  # --time-budget: fit the lr schedule to it, stop there (budget.py)
     total_seq_len: int = 8192
     seed: int = 42
     optimizer: str = "adamw"
@@ -61,6 +62,10 @@ class LoopConfig:
         need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
+        need(
+            self.time_budget_seconds is None or self.time_budget_seconds > 0,
+            f"--time-budget must be > 0 seconds, got {self.time_budget_seconds}",
+        )
         need(self.total_seq_len >= 1, f"--total-seq-len must be >= 1, got {self.total_seq_len}")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(

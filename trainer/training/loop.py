@@ -22,7 +22,12 @@ synthetic filler batch with weight 0, so it joins the FSDP collectives and adds 
 
 The same all-reduce carries a "stop" flag, so a signal that reaches only some ranks, or reaches
 them at different steps, stops all of them after the same step. Signal handlers only set the
-flag; the loop writes ``<save>/latest/`` at the next step boundary and returns.
+flag; the loop writes ``<save>/latest/`` at the next step boundary and returns. A signal that
+arrives while the loop waits for data (a streaming source whose producers deliver nothing) ends
+the wait (``protocol.signals.StopRequested``); before each step (and each validation batch) the
+ranks agree on whether one of them stopped waiting, so they all write the checkpoint at the same
+cursor instead of some entering the step's collectives. ``--time-budget`` fits the lr schedule's
+length to a wall-clock budget and stops there (``trainer.training.budget``).
 
 Randomness is derived, never carried: the draft's generator for a micro-batch is seeded from
 (seed, epoch, step, logical rank), noise from (seed, epoch, sample id, use index). A resumed run therefore
@@ -47,7 +52,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from protocol.signals import StopSignals
+from protocol.signals import StopRequested, StopSignals
 from trainer.data import order
 from trainer.data.batch import PackedBatch, pack
 from trainer.data.plan import BatchPlan, derive_seed
@@ -55,19 +60,74 @@ from trainer.data.prefetch import MicroBatch, Prefetcher, fetch_micro_batches
 from trainer.data.sources import FetchResult, SampleSource, add_aux_noise_
 from trainer.training import checkpoint as ckpt
 from trainer.training.accounting import ACCOUNTING_DIR, AccountingLog, truncate_accounting, truncate_records
+from trainer.training.budget import TimeBudget
 from trainer.training.config import LoopConfig
 from trainer.training.distributed import DistEnv, all_reduce_sum, barrier, is_sharded, set_gradient_sync
-from trainer.training.metrics import RunLog, StepResult
-from trainer.training.optim import build_optimizers, build_schedulers, step_optimizers
+from trainer.training.metrics import RunLog, StepResult, expected_acceptance_length, per_step, step_metric_names
+from trainer.training.optim import build_optimizers, build_schedulers, refresh_lrs, step_optimizers
 from trainer.training.state import TrainState
 from trainer.training.trackers import Tracker
 
 logger = logging.getLogger(__name__)
 
 
+def logical_ranks(rank: int, grad_accum_steps: int) -> list[int]:
+    """The logical ranks process ``rank`` plays, in the order it trains them."""
+    return [rank * grad_accum_steps + m for m in range(grad_accum_steps)]
+
+
+def plan_epochs(
+    config: LoopConfig, train_ids: Sequence[int], lengths: Sequence[int], world_size: int
+) -> list[BatchPlan]:
+    """Every epoch's plan over ``world_size * grad_accum_steps`` logical ranks."""
+    return [
+        BatchPlan.build(
+            sample_ids=train_ids,
+            lengths=lengths,
+            seed=config.seed,
+            epoch=e,
+            world_size=world_size * config.grad_accum_steps,
+            total_seq_len=config.total_seq_len,
+            reuse=config.reuse,
+            reuse_window=config.reuse_window,
+        )
+        for e in range(config.epochs)
+    ]
+
+
+def plan_validation(
+    config: LoopConfig, val_ids: Sequence[int], lengths: Sequence[int], world_size: int
+) -> BatchPlan | None:
+    """The validation plan (one batch per process rank and step, unshuffled); None without ids."""
+    if not val_ids:
+        return None
+    return BatchPlan.build(
+        sample_ids=val_ids,
+        lengths=lengths,
+        seed=config.seed,
+        epoch=0,
+        world_size=world_size,
+        total_seq_len=config.total_seq_len,
+        shuffle=False,
+    )
+
+
+def planned_fetch_orders(
+    config: LoopConfig, plans: Sequence[BatchPlan], val_plan: BatchPlan | None, *, rank: int
+) -> list[list[int]]:
+    """What process ``rank`` fetches in each whole epoch, in order (training, then validation from
+    the same source): what ``Trainer`` schedules on a streaming source, from the epoch's start."""
+    ranks = logical_ranks(rank, config.grad_accum_steps)
+    return [order.fetch_order(plan, ranks, val_plan=val_plan, val_rank=rank) for plan in plans]
+
+
+class _StoppedWaiting(Exception):
+    """Every rank agreed to stop at a boundary where one of them was waiting for data."""
+
+
 @dataclasses.dataclass(kw_only=True)
 class FitResult:
-    status: str  # "completed" | "max_steps" | "interrupted"
+    status: str  # "completed" | "max_steps" | "time_budget" | "interrupted"
     global_step: int
     signal: int | None = None
     checkpoint: Path | None = None
@@ -108,56 +168,51 @@ class Trainer:
         self.device = env.device
         self.bf16 = config.bf16(self.device)
         self.logical_world = env.world_size * config.grad_accum_steps
-        self.logical_ranks = [env.rank * config.grad_accum_steps + m for m in range(config.grad_accum_steps)]
+        self.logical_ranks = logical_ranks(env.rank, config.grad_accum_steps)
 
         train_ids = [int(i) for i in train_ids]
         if not train_ids:
             raise ValueError("no training samples (check --data-path, --hidden-states-path and --val-ratio)")
-        lengths = train_source.lengths(train_ids)
-        self.plans = [
-            BatchPlan.build(
-                sample_ids=train_ids,
-                lengths=lengths,
-                seed=config.seed,
-                epoch=e,
-                world_size=self.logical_world,
-                total_seq_len=config.total_seq_len,
-                reuse=config.reuse,
-                reuse_window=config.reuse_window,
-            )
-            for e in range(config.epochs)
-        ]
+        self.plans = plan_epochs(config, train_ids, train_source.lengths(train_ids), env.world_size)
         val_ids = [int(i) for i in val_ids]
-        self.val_plan = (
-            BatchPlan.build(
-                sample_ids=val_ids,
-                lengths=self.val_source.lengths(val_ids),
-                seed=config.seed,
-                epoch=0,
-                world_size=env.world_size,
-                total_seq_len=config.total_seq_len,
-                shuffle=False,
-            )
-            if val_ids
-            else None
-        )
+        self.val_plan = plan_validation(config, val_ids, self.val_source.lengths(val_ids), env.world_size)
         planned = sum(p.num_steps for p in self.plans)
         self.total_steps = min(planned, config.max_steps) if config.max_steps else planned
-
-        self.optimizers = build_optimizers(model, config)
-        self.schedulers = build_schedulers(self.optimizers, config, self.total_steps)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.budget = (
+            TimeBudget(config.time_budget_seconds, planned_steps=self.total_steps)
+            if config.time_budget_seconds is not None
+            else None
+        )
 
         self.state = TrainState()
-        self.stop = StopSignals("stopping after this step and writing a checkpoint")
+        self.optimizers = build_optimizers(model, config)
+        self.schedulers = build_schedulers(self.optimizers, config, lambda: self.schedule_steps)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+        self.stop = StopSignals("stopping at the next step boundary and writing a checkpoint")
         self._accounting = AccountingLog(self.save_path / ACCOUNTING_DIR / f"rank{env.rank}.jsonl")
         self._log = RunLog(
             path=self.save_path / "train_log.jsonl" if env.is_main else None,
             source=train_source,
             log_every=config.log_every,
             total_steps=self.total_steps,
+            draft_config=getattr(model, "config", None),
         )
         self._scheduled: set[int] = set()  # epochs already announced to a streaming source
+        self._clock_start: float | None = None  # monotonic time at which train_seconds was 0
+        self._finish_seconds: float | None = None  # the last epoch end's validation + checkpoint
+
+    @property
+    def schedule_steps(self) -> int:
+        """The lr schedule's length: the planned steps, or what ``--time-budget`` fitted."""
+        fitted = self.state.schedule_steps if self.budget is not None else None
+        return self.total_steps if fitted is None else fitted
+
+    def _elapsed(self) -> float:
+        """Training seconds so far, over every resumed run (``TrainState.train_seconds``)."""
+        if self._clock_start is None:
+            return self.state.train_seconds
+        return time.monotonic() - self._clock_start
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -256,7 +311,7 @@ class Trainer:
             n = out.num_loss_tokens.detach().float().to(self.device) if real else torch.zeros((), device=self.device)
             (out.loss * n).backward()
             if metric_names is None:
-                metric_names = sorted(out.metrics)
+                metric_names = step_metric_names(out.metrics)
                 metric_sums = torch.zeros(len(metric_names), dtype=torch.float64, device=self.device)
             if float(n) > 0:  # a filler's (or an unsupervised batch's) metrics may be NaN: never add them
                 metric_sums += torch.stack(
@@ -265,18 +320,31 @@ class Trainer:
                 local_n += float(n)
                 local_loss += float(out.loss.detach()) * float(n)
             local_tokens += batch.num_tokens if real else 0
+        # Rank 0's clock travels with the sums, so --time-budget fits the same schedule on every rank.
+        clock = self._elapsed() if self.env.is_main else 0.0
         head = torch.tensor(
-            [local_n, local_loss, local_tokens, float(self.stop.requested)], dtype=torch.float64, device=self.device
+            [local_n, local_loss, local_tokens, float(self.stop.requested), clock],
+            dtype=torch.float64,
+            device=self.device,
         )
         sums = all_reduce_sum(torch.cat([head, metric_sums]), self.env)
-        total_n, total_loss, total_tokens, stops = sums[:4].tolist()
+        total_n, total_loss, total_tokens, stops, clock = sums[:5].tolist()
+        if self.budget is not None:  # before the optimizer step: its lr already follows the fit
+            self.budget.fit(
+                self.state,
+                global_step=self.state.global_step + 1,
+                elapsed=clock,
+                finish_seconds=self._finish_estimate,
+            )
+            refresh_lrs(self.schedulers)
+            self._log.total_steps = self.schedule_steps
         # Gradients hold sum_i d(loss_i * n_i) (averaged over ranks by FSDP's reduce-scatter).
         scale = (self.env.world_size if is_sharded(self.model) else 1.0) / max(total_n, 1.0)
         grad_norm, lr = step_optimizers(
             self.params, self.optimizers, self.schedulers, grad_scale=scale, max_grad_norm=cfg.max_grad_norm
         )
         denom = max(total_n, 1.0)
-        metrics = {k: float(v) / denom for k, v in zip(metric_names or [], sums[4:].tolist())}
+        metrics = {k: float(v) / denom for k, v in zip(metric_names or [], sums[5:].tolist())}
         return StepResult(
             epoch=epoch,
             step=step,
@@ -295,13 +363,21 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float] | None:
+        """``val_loss``, ``val_{name}_{k}`` (``metrics.STEP_METRICS``) and ``val_accept_len``, over
+        the validation plan; None without one. Raises ``_StoppedWaiting`` when a stop signal ended
+        a rank's wait for validation data (every rank raises it at the same batch)."""
         if self.val_plan is None:
             return None
         self.model.eval()
         sums: torch.Tensor | None = None
         names: list[str] = []
         for step, [(_, ids)] in order.val_steps(self.val_plan, self.env.rank):
-            fetched = self.val_source.fetch(ids) if ids else FetchResult(samples=[])
+            try:
+                fetched = self.val_source.fetch(ids) if ids else FetchResult(samples=[])
+            except StopRequested:
+                fetched = None
+            if self._agree_to_stop(fetched is None):
+                raise _StoppedWaiting
             real = bool(fetched.samples)
             batch = (
                 pack(fetched.samples, self.val_plan.total_seq_len).to(self.device)
@@ -311,7 +387,7 @@ class Trainer:
             out = self._forward(batch, self._generator("val", step, self.env.rank))
             n = float(out.num_loss_tokens) if real else 0.0
             if sums is None:
-                names = sorted(out.metrics)
+                names = step_metric_names(out.metrics)
                 sums = torch.zeros(2 + len(names), dtype=torch.float64, device=self.device)
             if n > 0:
                 values = [out.loss.double().reshape(()), *[out.metrics[k].double().reshape(()) for k in names]]
@@ -320,7 +396,19 @@ class Trainer:
             return None
         sums = all_reduce_sum(sums, self.env).tolist()
         denom = max(sums[0], 1.0)
-        return {"val_loss": sums[1] / denom, **{f"val_{k}": v / denom for k, v in zip(names, sums[2:])}}
+        metrics = {k: v / denom for k, v in zip(names, sums[2:])}
+        values = {"val_loss": sums[1] / denom, **{f"val_{k}": v for k, v in metrics.items()}}
+        cond_acc = per_step(metrics, "cond_acc")
+        if cond_acc:
+            values["val_accept_len"] = expected_acceptance_length(cond_acc)
+        return values
+
+    def _agree_to_stop(self, stop: bool) -> bool:
+        """Whether any rank stops here (a collective: every rank calls it at the same boundary)."""
+        if not self.env.is_distributed:
+            return stop
+        flag = torch.tensor([float(stop)], dtype=torch.float64, device=self.device)
+        return float(all_reduce_sum(flag, self.env)) > 0
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
@@ -328,6 +416,7 @@ class Trainer:
         if self.save_draft is None:
             raise ValueError("this Trainer was built without save_draft; it cannot write checkpoints")
         self._accounting.flush()
+        self.state.train_seconds = self._elapsed()
         path = ckpt.save_checkpoint(
             self.save_path,
             name,
@@ -348,6 +437,7 @@ class Trainer:
         return path
 
     def _finish_epoch(self, epoch: int, *, force_save: bool) -> Path | None:
+        started = time.monotonic()
         values = self.validate()
         self.state.end_epoch(epoch, None if values is None else values["val_loss"])
         if values is not None:
@@ -363,20 +453,56 @@ class Trainer:
                     ckpt.update_best_link(self.save_path, str(best))
                 ckpt.remove_checkpoint(self.save_path, ckpt.MID_EPOCH_NAME)
             barrier(self.env)
+            self._finish_seconds = time.monotonic() - started
         return path
+
+    def _finish_estimate(self, pace: float) -> float:
+        """Seconds the run's end (validation, checkpoint) should take, for ``--time-budget``: as
+        long as the last epoch end took, or else a forward-only pass (a third of a step) per
+        validation step."""
+        if self._finish_seconds is not None:
+            return self._finish_seconds
+        return (self.val_plan.num_steps if self.val_plan is not None else 0) * pace / 3
 
     # ---- the loop -------------------------------------------------------------------------------
 
+    def _end_reason(self) -> str | None:
+        """Why the run ends before its plan does: "max_steps", "time_budget", or None."""
+        step = self.state.global_step
+        if self.config.max_steps is not None and step >= self.config.max_steps:
+            return "max_steps"
+        if self.budget is not None and self.state.schedule_steps is not None and step >= self.state.schedule_steps:
+            return "time_budget"
+        return None
+
     def _out_of_steps(self) -> bool:
-        return self.config.max_steps is not None and self.state.global_step >= self.config.max_steps
+        return self._end_reason() is not None
 
     def fetch_step(self, epoch: int, step: int) -> list[MicroBatch]:
         """This process's micro-batches of (epoch, step), fetched and packed synchronously."""
         return fetch_micro_batches(self.plans[epoch], self.train_source, self.logical_ranks, step)
 
+    def _interrupted(self) -> FitResult:
+        """Write ``<save>/latest/`` at the cursor and report the stop."""
+        path = self.save(ckpt.MID_EPOCH_NAME)
+        signum = self.stop.signum or signal.SIGTERM
+        logger.warning(
+            "stopped by %s at global step %d; run the same command to resume from %s",
+            signal.Signals(signum).name,
+            self.state.global_step,
+            path,
+        )
+        return FitResult(
+            status="interrupted",
+            global_step=self.state.global_step,
+            signal=int(signum),
+            checkpoint=path,
+            val_history=dict(self.state.val_history),
+        )
+
     def _run_epoch(self, epoch: int, plan: BatchPlan, bar) -> FitResult | None:
-        """Steps from the cursor to the end of the epoch (or --max-steps); a FitResult if a stop
-        signal ended it."""
+        """Steps from the cursor to the end of the epoch (or --max-steps, or --time-budget); a
+        FitResult if a stop signal ended it."""
         cfg = self.config
         prefetch = Prefetcher(
             plan=plan,
@@ -387,10 +513,17 @@ class Trainer:
             pin=self.device.type == "cuda",
         )
         waited, last_end = prefetch.wait_seconds, time.perf_counter()
+        steps = iter(prefetch)
         try:
-            for step, micros in prefetch:
-                if self._out_of_steps():
-                    return None
+            while not self._out_of_steps():
+                try:
+                    step, micros = next(steps)
+                except StopIteration:
+                    break
+                except StopRequested:  # the signal ended this rank's wait for the step's data
+                    micros = None
+                if self._agree_to_stop(micros is None or self.stop.requested):
+                    return self._interrupted()
                 result = self.run_step(epoch, step, micros)
                 now = time.perf_counter()
                 result.data_wait_s, result.wall_s = prefetch.wait_seconds - waited, now - last_end
@@ -411,25 +544,12 @@ class Trainer:
                 self._accounting.flush()
                 self._log.step(result, bar, steps_in_epoch=plan.num_steps)
                 if result.stop_requested:
-                    path = self.save(ckpt.MID_EPOCH_NAME)
-                    signum = self.stop.signum or signal.SIGTERM
-                    logger.warning(
-                        "stopped by %s at global step %d; run the same command to resume from %s",
-                        signal.Signals(signum).name,
-                        self.state.global_step,
-                        path,
-                    )
-                    return FitResult(
-                        status="interrupted",
-                        global_step=self.state.global_step,
-                        signal=int(signum),
-                        checkpoint=path,
-                        val_history=dict(self.state.val_history),
-                    )
+                    return self._interrupted()
                 if (
                     cfg.save_every_steps
                     and self.state.global_step % cfg.save_every_steps == 0
                     and self.state.step_in_epoch < plan.num_steps
+                    and not self._out_of_steps()  # the run's end writes its own checkpoint
                 ):
                     self.save(ckpt.MID_EPOCH_NAME)
         finally:
@@ -438,7 +558,8 @@ class Trainer:
 
     def _schedule_stream(self, epoch: int) -> None:
         """A streaming source learns, in fetch order, what this process will fetch in ``epoch``:
-        training from the cursor, then validation, which runs for every epoch the loop enters."""
+        training from the cursor, then validation, which runs for every epoch the loop enters.
+        (Under ``--time-budget`` it learns the whole plan: the fitted length may still grow.)"""
         if epoch >= self.config.epochs or epoch in self._scheduled:
             return
         self._scheduled.add(epoch)
@@ -466,6 +587,10 @@ class Trainer:
     def fit(self) -> FitResult:
         cfg = self.config
         self._log.tracker = Tracker(cfg, self.env, self.run_config)
+        self._clock_start = time.monotonic() - self.state.train_seconds
+        if self.budget is not None:
+            self.budget.resume(self.state)
+            self._log.total_steps = self.schedule_steps
         bar = self._log.progress_bar(self.state.global_step) if cfg.progress and self.env.is_main else None
         try:
             with self.stop:
@@ -492,14 +617,27 @@ class Trainer:
                     if interrupted is not None:
                         return interrupted
                     out_of_steps = self._out_of_steps()
-                    if self.state.step_in_epoch >= plan.num_steps:
-                        self.state.epoch_complete = True
-                        self._finish_epoch(epoch, force_save=out_of_steps)
-                    elif out_of_steps:  # --max-steps ran out mid-epoch: save where we are
-                        self._finish_epoch(epoch, force_save=True)
-            status = "max_steps" if self._out_of_steps() and self.state.epoch < cfg.epochs else "completed"
+                    try:
+                        if self.state.step_in_epoch >= plan.num_steps:
+                            self.state.epoch_complete = True
+                            self._finish_epoch(epoch, force_save=out_of_steps)
+                        elif out_of_steps:  # --max-steps or --time-budget ran out mid-epoch: save where we are
+                            self._finish_epoch(epoch, force_save=True)
+                    except _StoppedWaiting:  # validation runs again on resume
+                        self.state.epoch_complete = False
+                        return self._interrupted()
+            reason = self._end_reason() if self.state.epoch < cfg.epochs else None
+            if reason == "time_budget":
+                logger.info(
+                    "--time-budget %.0fs: stopped after %.0fs of training at global step %d, the schedule's end",
+                    cfg.time_budget_seconds,
+                    self._elapsed(),
+                    self.state.global_step,
+                )
             return FitResult(
-                status=status, global_step=self.state.global_step, val_history=dict(self.state.val_history)
+                status=reason or "completed",
+                global_step=self.state.global_step,
+                val_history=dict(self.state.val_history),
             )
         finally:
             if bar is not None:

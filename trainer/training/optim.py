@@ -9,13 +9,14 @@ Schedules are a ``LambdaLR`` per optimizer: linear warmup over ``warmup`` steps 
 warmup-steps`` or ``--scheduler-warmup-ratio`` of the total), then linear decay to 0, cosine decay
 (``--scheduler-num-cosine-cycles``, 0.5 = half a cosine down to 0) or constant (``none``). The
 total is the number of optimizer steps the run will take (all epochs' plans, capped by
-``--max-steps``).
+``--max-steps``), or the length ``--time-budget`` fits (``trainer.training.budget``), which may
+change while the run goes: the schedule reads it at every step.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -60,20 +61,34 @@ def lr_factor(step: int, *, kind: str, warmup: int, total: int, cycles: float) -
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 2.0 * cycles * progress)))
 
 
-def build_schedulers(optimizers: Sequence[torch.optim.Optimizer], config: LoopConfig, total_steps: int):
-    if config.warmup_steps is not None:
-        warmup = config.warmup_steps
-    elif config.warmup_ratio is not None:
-        warmup = int(round(config.warmup_ratio * total_steps))
-    else:
-        warmup = 0
+def build_schedulers(
+    optimizers: Sequence[torch.optim.Optimizer], config: LoopConfig, total_steps: int | Callable[[], int]
+):
+    """A ``LambdaLR`` per optimizer; ``total_steps`` may be a function, read at every step."""
+    total_of = total_steps if callable(total_steps) else lambda: total_steps
 
     def factor(step: int) -> float:
-        return lr_factor(
-            step, kind=config.scheduler_type, warmup=warmup, total=total_steps, cycles=config.num_cosine_cycles
-        )
+        total = total_of()
+        if config.warmup_steps is not None:
+            warmup = config.warmup_steps
+        elif config.warmup_ratio is not None:
+            warmup = int(round(config.warmup_ratio * total))
+        else:
+            warmup = 0
+        return lr_factor(step, kind=config.scheduler_type, warmup=warmup, total=total, cycles=config.num_cosine_cycles)
 
     return [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in optimizers]
+
+
+def refresh_lrs(schedulers: Sequence[torch.optim.lr_scheduler.LambdaLR]) -> None:
+    """Set every optimizer's lr for the step about to be taken again from its schedule, after the
+    schedule's length changed (``--time-budget``): the step that the new length makes the last one
+    then takes the schedule's last lr."""
+    for s in schedulers:
+        lrs = [base * fn(s.last_epoch) for base, fn in zip(s.base_lrs, s.lr_lambdas)]
+        for group, lr in zip(s.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        s._last_lr = lrs
 
 
 def step_optimizers(

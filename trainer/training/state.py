@@ -1,8 +1,9 @@
 """``TrainState``: where a run is, and what it has learned of itself so far.
 
 The plan cursor (epoch, step in the epoch, global step, whether the epoch's checkpoint is
-written) and the history an epoch's end consults (train and validation loss per epoch, the best
-epoch). It is what ``<save>/<name>/training_state.pt`` holds besides the plan's fingerprint, the
+written), the history an epoch's end consults (train and validation loss per epoch, the best
+epoch), and the clock ``--time-budget`` reads (training seconds so far, the schedule's fitted
+length and the budget it was fitted to; ``trainer.training.budget``). It is what ``<save>/<name>/training_state.pt`` holds besides the plan's fingerprint, the
 RNG states and the run's flags, so a resumed run continues exactly where this one stopped.
 """
 
@@ -21,6 +22,9 @@ class TrainState:
     train_loss_history: dict[int, float] = dataclasses.field(default_factory=dict)
     best_epoch: int | None = None
     epoch_loss: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0])  # sum(loss * n), sum(n)
+    train_seconds: float = 0.0  # wall-clock seconds of training so far, over every resumed run
+    schedule_steps: int | None = None  # the lr schedule's length fitted to --time-budget (None: the plan's)
+    time_budget_s: float | None = None  # the --time-budget schedule_steps was fitted to
 
     def add_step(self, *, step: int, global_step: int, loss: float, num_loss_tokens: int) -> None:
         self.global_step = global_step
@@ -58,6 +62,9 @@ class TrainState:
             "train_loss_history": {str(k): v for k, v in self.train_loss_history.items()},
             "best_epoch": self.best_epoch,
             "epoch_loss": list(self.epoch_loss),
+            "train_seconds": self.train_seconds,
+            "schedule_steps": self.schedule_steps,
+            "time_budget_s": self.time_budget_s,
         }
 
     @classmethod
@@ -71,4 +78,7 @@ class TrainState:
             train_loss_history={int(k): float(v) for k, v in state.get("train_loss_history", {}).items()},
             best_epoch=state.get("best_epoch"),
             epoch_loss=[float(x) for x in state.get("epoch_loss", [0.0, 0.0])],
+            train_seconds=float(state.get("train_seconds", 0.0)),
+            schedule_steps=None if state.get("schedule_steps") is None else int(state["schedule_steps"]),
+            time_budget_s=None if state.get("time_budget_s") is None else float(state["time_budget_s"]),
         )

@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -205,3 +206,39 @@ def test_config_errors_name_the_flag():
     if importlib.util.find_spec("wandb") is None:
         with pytest.raises(ValueError, match="--tracker wandb"):
             LoopConfig(save_path="x", tracker="wandb")
+
+
+def test_time_budget_fits_the_schedule_and_stops_near_the_budget(tiny_llama, captured, tmp_path):
+    budget = 8.0
+    trainer = _trainer(
+        _model(tiny_llama),
+        captured,
+        tmp_path,
+        val=[0, 1],
+        epochs=200,  # far more than fits: the budget, not the plan, ends the run
+        checkpoint_freq=1000,
+        scheduler_type="linear",
+        time_budget_seconds=budget,
+    )
+    started = time.monotonic()
+    result = trainer.fit()
+    took = time.monotonic() - started
+    assert result.status == "time_budget"
+    assert 0.5 * budget < took < budget + 4.0, took
+    state = ckpt.read_training_state(ckpt.find_resume_checkpoint(tmp_path))
+    assert state["global_step"] == state["schedule_steps"] == result.global_step < trainer.total_steps
+    assert budget - 3.0 < state["train_seconds"] < budget + 3.0
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in log if r["kind"] == "train"]
+    # The last step used the schedule's last lr (linear: 1/T of the peak), not a cut-off mid-schedule.
+    assert lrs[-1] == pytest.approx(1e-3 / result.global_step, rel=1e-6)
+    assert log[-1]["kind"] == "val"  # the end validates, like --max-steps
+
+    # The same command again: the budget is spent, nothing more is trained.
+    model = load_draft(ckpt.find_resume_checkpoint(tmp_path), verifier_name_or_path=str(tiny_llama))
+    again = _trainer(
+        model, captured, tmp_path, val=[0, 1], epochs=200, checkpoint_freq=1000, time_budget_seconds=budget
+    )
+    again.restore(ckpt.find_resume_checkpoint(tmp_path))
+    assert again.fit().status == "time_budget"
+    assert again.state.global_step == result.global_step
