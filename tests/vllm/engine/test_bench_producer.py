@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
 
 from tests.vllm.engine.conftest import CLI, FIGURES, cli_env, record_engine_starts  # noqa: E402
 
-SMALL = ["--hidden-size", "64", "--intermediate-size", "128", "--num-rows", "8", "--min-len", "16"]
+SMALL = ["--hidden-size", "64", "--intermediate-size", "128", "--num-layers", "8", "--num-rows", "8", "--min-len", "16"]
 SMALL += ["--max-len", "64", "--repeats", "1", "--warmup", "1", "--sink", "push"]
 
 
