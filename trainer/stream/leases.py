@@ -115,8 +115,11 @@ class LeaseTable:
         return ""
 
     def _pending_in_order(self) -> Iterator[Key]:
+        # A key returned more than once has a heap entry per return: yield it once.
+        seen: set[Key] = set()
         for _, key in sorted(self._returned):
-            if key in self._pending_set:
+            if key in self._pending_set and key not in seen:
+                seen.add(key)
                 yield key
         # A fresh key can leave the pending set without a grant: its sample arrived unasked (a
         # producer still serving a restarted trainer's old lease). It stays in the deque until it

@@ -155,3 +155,12 @@ def test_a_sample_that_arrives_before_it_was_granted_is_dropped_and_granted_norm
     lease = leases.take("p", limit=10)
     assert lease.sample_ids == (0, 1, 2, 3)
     assert deliver(leases, lease, 2) == ""
+
+
+def test_a_key_returned_twice_is_granted_once():
+    leases, _ = table()
+    leases.need([(0, i) for i in range(4)])
+    for _ in range(2):
+        leases.fail(leases.take("x", limit=1).lease_id)
+    assert leases.peek_pending(10) == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert leases.take("y", limit=8).sample_ids == (0, 1, 2, 3)
