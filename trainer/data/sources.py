@@ -70,6 +70,10 @@ class SampleSource:
     def schedule(self, epoch: int, sample_ids: Sequence[int]) -> None:
         """This process will fetch these samples of ``epoch`` next, in this order."""
 
+    def abandon(self, epoch: int) -> None:
+        """The rest of ``epoch``'s training fetches will not come (a time budget ended it); its
+        validation fetches still will."""
+
     def snapshot(self) -> dict[str, float] | None:
         """Live figures for the log line (rates, buffer fill, leases); None: nothing to report."""
         return None

@@ -85,6 +85,20 @@ class LeaseTable:
                 self._received.discard(key)
                 del self._position[key]
 
+    def cancel(self, keys: Iterable[Key]) -> None:
+        """These keys are no longer needed (the loop abandoned them): not granted again, and a
+        copy that still arrives is "not needed"."""
+        for key in keys:
+            self._pending_set.discard(key)
+            lease_id = self._owner.pop(key, None)
+            if lease_id is not None:
+                lease = self._leases[lease_id]
+                lease.outstanding.discard(key[1])
+                if not lease.outstanding:
+                    del self._leases[lease_id]
+            self._received.discard(key)
+            self._position.pop(key, None)
+
     @property
     def num_pending(self) -> int:
         return len(self._pending_set)

@@ -109,6 +109,17 @@ class ReplayBuffer:
                     self.ledger.release(key)
             return out
 
+    def discard(self, key: Hashable) -> None:
+        """Forget ``key`` whatever uses it had left (the loop will never fetch it): its sample, if
+        stored, and its room go."""
+        with self._cond:
+            sample = self._samples.pop(key, None)
+            if sample is not None:
+                self.stored_bytes -= sample_bytes(sample)
+            self._uses_left.pop(key, None)
+        if key in self.ledger:
+            self.ledger.release(key)
+
     def wake(self) -> None:
         """Wake a blocked ``take`` so it re-runs its ``check``."""
         with self._cond:

@@ -90,6 +90,7 @@ class StreamSampleSource(SampleSource):
         )
         self.control_endpoint, self.data_endpoint = self._io.control_endpoint, self._io.data_endpoint
         self._fetch_order: collections.deque[tuple[int, int]] = collections.deque()
+        self._abandoned: set[int] = set()  # epochs whose remaining training fetches were dropped
         self._order_lock = threading.Lock()
 
     def start(self, timeout: float = 30.0) -> StreamSampleSource:
@@ -123,14 +124,40 @@ class StreamSampleSource(SampleSource):
         """Most bytes held at once when fetching ``sample_ids`` in order (``config.peak_live_bytes``)."""
         return peak_live_bytes(sample_ids, self._nbytes)
 
+    def abandon(self, epoch: int) -> None:
+        """The loop stops training ``epoch`` early (``--time-budget``): the rest of its training
+        fetches will not come, only its validation. ``fetch`` skips them, and producers stop being
+        asked for them."""
+        with self._order_lock:
+            self._abandoned.add(epoch)
+
+    def _skip_abandoned(self, wanted: list[int]) -> list[tuple[int, int]]:
+        """Pop the abandoned training fetches ahead of ``wanted`` (validation ids, never training
+        ones, so their first match is where validation starts)."""
+        order = self._fetch_order
+        if not self._abandoned or not order or order[0][0] not in self._abandoned:
+            return []
+        epoch, items = order[0][0], list(order)
+        want = [(epoch, sid) for sid in wanted]
+        for start in range(len(items) - len(want) + 1):
+            if items[start][0] != epoch:
+                break
+            if items[start] == want[0] and items[start : start + len(want)] == want:
+                return [order.popleft() for _ in range(start)]
+        return []
+
     def fetch(self, sample_ids: Sequence[int]) -> FetchResult:
         with self._order_lock:
             if len(self._fetch_order) < len(sample_ids):
                 raise RuntimeError(
                     f"fetch of {len(sample_ids)} samples but only {len(self._fetch_order)} are scheduled"
                 )
+            wanted = [int(s) for s in sample_ids]
+            skipped = self._skip_abandoned(wanted)
             keys = [self._fetch_order.popleft() for _ in sample_ids]
-        if [sid for _, sid in keys] != [int(s) for s in sample_ids]:
+        if skipped:
+            self._io.abandoned(skipped)
+        if [sid for _, sid in keys] != wanted:
             raise RuntimeError(
                 f"fetch order diverged from the schedule: asked {list(sample_ids)[:8]}, scheduled {keys[:8]}"
             )

@@ -151,6 +151,10 @@ class StreamIO:
     def consumed(self, keys: Sequence[Key]) -> None:
         self._commands.put(("consumed", list(keys)))
 
+    def abandoned(self, keys: Sequence[Key]) -> None:
+        """Scheduled uses the loop will never fetch (``--time-budget`` ended the epoch early)."""
+        self._commands.put(("abandoned", list(keys)))
+
     def stop(self, reason: str) -> None:
         """Tell every producer the stream ended, close the sockets and end the thread."""
         if self._thread.is_alive():
@@ -235,14 +239,19 @@ class StreamIO:
                     self._uses[key] = 0
                 self._uses[key] += 1
             self.leases.need(fresh)
-        elif command[0] == "consumed":
+        elif command[0] in ("consumed", "abandoned"):
             done = []
             for key in command[1]:
                 self._uses[key] -= 1
                 if self._uses[key] == 0:
                     del self._uses[key]
                     done.append(key)
-            self.leases.forget(done)
+            if command[0] == "consumed":
+                self.leases.forget(done)
+            else:  # never fetched: stop asking for them and free their room
+                self.leases.cancel(done)
+                for key in done:
+                    self.buffer.discard(key)
 
     # ---- data: frames -> verify -> buffer -------------------------------------------------------
 

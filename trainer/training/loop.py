@@ -622,6 +622,7 @@ class Trainer:
                             self.state.epoch_complete = True
                             self._finish_epoch(epoch, force_save=out_of_steps)
                         elif out_of_steps:  # --max-steps or --time-budget ran out mid-epoch: save where we are
+                            self.train_source.abandon(epoch)  # --time-budget scheduled more than it trained
                             self._finish_epoch(epoch, force_save=True)
                     except _StoppedWaiting:  # validation runs again on resume
                         self.state.epoch_complete = False

@@ -258,3 +258,23 @@ def test_a_reuse_window_the_buffer_cannot_hold_is_refused_up_front(tmp_path, bac
             source.schedule(1, [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5])  # six live at once
     finally:
         source.close()
+
+
+def test_an_abandoned_epoch_skips_to_its_validation_and_frees_the_rest(tmp_path, backend, rows):
+    """--time-budget ends an epoch mid-way: its remaining training fetches never come, validation does."""
+    largest = max(
+        sample_nbytes(r.input_ids.shape[0], 4, backend.describe().hidden_size, torch.float32) for r in rows.values()
+    )
+    # Room for 4 samples: the abandoned ones must give theirs back, or validation waits forever.
+    source = make_source(tmp_path, backend, rows, buffer_bytes=4 * largest, samples_per_lease=2)
+    _, thread = start_producer(tmp_path, backend, rows)
+    train, val = [0, 1, 2, 3, 4, 5, 6, 7, 0, 1], [8, 9, 10, 11]
+    source.schedule(0, train + val)
+    assert [s.sample_id for s in source.fetch([0, 1]).samples] == [0, 1]
+    time.sleep(1.0)  # producers fill the buffer with training samples that will never be fetched
+    source.abandon(0)
+    assert [s.sample_id for s in source.fetch(val).samples] == val
+    with pytest.raises(RuntimeError, match="only 0 are scheduled"):
+        source.fetch([2])
+    source.close()
+    thread.join(20)
