@@ -791,7 +791,7 @@ def oversized_messages(run: TrainingRun, *, frames: int, frame_bytes: int, count
             except zmq.ZMQError:
                 break
             sent += 1
-        sock.close(linger=15_000)  # let what is queued reach the trainer (or be refused by it)
+        sock.close(linger=3_000)  # let what is queued reach the trainer (or be refused by it)
     finally:
         ctx.term()
     return {"messages": sent, "frames": frames, "frame_bytes": frame_bytes, "seconds": time.monotonic() - started}
