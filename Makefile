@@ -52,14 +52,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	DRAFTSTREAM=$(VENV)/bin/draftstream bash examples/demo.sh $(DEMO_OUT)
 
-# The main suite, then the real-engine lane. The lane's venv (mostly downloads) is built beside the
-# main suite, its output in $(VLLM_VENV).log; a failed build prints that log's end.
+# The main suite, then the real-engine lane (its own venv, built on first use).
 test: lint
-	@echo "building $(VLLM_VENV) beside the main suite (log: $(VLLM_VENV).log)"
-	@$(MAKE) --no-print-directory $(VLLM_STAMP) > $(VLLM_VENV).log 2>&1 & build=$$!; \
-	$(PY) -m pytest; status=$$?; \
-	if ! wait $$build; then echo "building $(VLLM_VENV) failed:"; tail -n 40 $(VLLM_VENV).log; exit 1; fi; \
-	test $$status -eq 0 || exit $$status
+	$(PY) -m pytest
 	$(MAKE) --no-print-directory test-engine
 
 # Everything but the multi-process `slow` tests: the inner loop while editing.
