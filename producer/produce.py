@@ -39,9 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument(
         "--connect",
         nargs="+",
-        help="streaming: trainer stream endpoint(s), ipc://DIR or tcp://HOST:PORT (as the trainer's --stream-endpoint)",
+        help="streaming: one address per trainer, rank 0's stream endpoint: ipc://DIR or tcp://HOST:PORT (as "
+        "its --stream-endpoint); the trainer's other ranks, on any host, are found there",
     )
-    parser.add_argument("--num-ranks", type=int, help="streaming: trainer ranks behind each --connect endpoint")
+    parser.add_argument(
+        "--num-ranks", type=int, help="streaming: check that each trainer has this many ranks (default: as it says)"
+    )
     parser.add_argument("--producer-id", help="streaming: a unique name (default: host and pid)")
     parser.add_argument("--handshake-timeout", type=float, help="streaming: seconds to wait for a trainer")
     parser.add_argument("--curve-secret-key", help="streaming: this producer's CURVE secret key file")

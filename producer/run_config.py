@@ -21,7 +21,7 @@ class ProduceConfig:
     data: str
     spill: str | None = None  # --spill DIR: offline mode
     connect: list[str] | None = None  # --connect ENDPOINT...: streaming mode (trainer grants the rows)
-    num_ranks: int = 1
+    num_ranks: int | None = None  # --num-ranks: checked against what each trainer lists
     producer_id: str | None = None
     handshake_timeout: float = 600.0
     curve_secret_key: str | None = None

@@ -6,6 +6,12 @@
     trainer rank 1 control (ROUTER) <-- DEALER --+-- StreamProducer  ---+-- PUSH --> rank 1 data (PULL)
                                                      grants -> work queue -> backend.capture()
 
+Each ``--connect`` address is one trainer, reached through one of its ranks (rank 0's, normally):
+that rank's ``Welcome`` lists the control endpoint of every rank of the trainer, wherever it runs
+(``torchrun --nnodes N``), and the producer greets the others there. ``--num-ranks``, when given, is
+checked against that list. A trainer that restarts is found again through the same address: its
+new ``Welcome`` lists where its ranks are now, and ranks that moved are dialled again.
+
 One thread: it polls the control sockets, keeps a FIFO of granted work, runs the target on a
 batch of granted rows (across grants and ranks, up to the backend's token budget), pushes each
 sample to the data endpoint of the rank that granted it, and reports ``LeaseDone``. Memory on
@@ -46,20 +52,23 @@ from protocol.messages import (
     ProtocolError,
     Welcome,
 )
-from protocol.sockets import SocketConfig, make_socket, rank_endpoints, recv_message, send_message
+from protocol.sockets import SocketConfig, check_dialable, make_socket, rank_endpoints, recv_message, send_message
 from protocol.target import TargetSpec, sample_nbytes
 
 logger = logging.getLogger(__name__)
 
 SEND_POLL_SECONDS = 0.5  # a blocked data send checks for a stop request this often
 HELLOS_BEFORE_RECONNECT = 3  # unanswered hellos (2 s apart) before the control socket is recreated
+MAX_TRAINER_RANKS = 4096  # a Welcome listing more ranks than this is refused
 
 
 @dataclasses.dataclass(kw_only=True)
 class StreamClientConfig:
     producer_id: str
-    connect: list[str]  # --connect: stream endpoint bases of the trainer (ipc://DIR or tcp://HOST:PORT)
-    num_ranks: int = 1  # --num-ranks: trainer ranks behind each base
+    connect: list[
+        str
+    ]  # --connect: one address per trainer, its rank 0's stream endpoint (ipc://DIR or tcp://HOST:PORT)
+    num_ranks: int | None = None  # --num-ranks: the ranks each trainer must have (None: whatever it lists)
     max_batch_tokens: int = 8192  # rows captured together, across grants
     max_batches_in_flight: int = 4  # pushing backends: granted rows submitted ahead, in batches of max_batch_tokens
     heartbeat_seconds: float = 2.0
@@ -72,7 +81,7 @@ class StreamClientConfig:
     def __post_init__(self) -> None:
         if not self.connect:
             raise ValueError("--connect needs at least one trainer endpoint")
-        if self.num_ranks < 1:
+        if self.num_ranks is not None and self.num_ranks < 1:
             raise ValueError(f"--num-ranks must be >= 1, got {self.num_ranks}")
         if self.max_batches_in_flight < 1:
             raise ValueError(f"max_batches_in_flight must be >= 1, got {self.max_batches_in_flight}")
@@ -80,9 +89,18 @@ class StreamClientConfig:
             rank_endpoints(base, 0)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
+class _Trainer:
+    """One ``--connect`` address: a trainer whose ranks are found through the rank at ``door``."""
+
+    base: str
+    door: str  # the control endpoint dialled first (rank 0's, from --connect)
+
+
+@dataclasses.dataclass(eq=False)
 class _Rank:
-    name: str
+    trainer: _Trainer
+    index: int | None  # the trainer rank; None until the door rank says which it is
     control_endpoint: str
     control: zmq.Socket
     data: zmq.Socket | None = None
@@ -93,6 +111,14 @@ class _Rank:
     last_heard: float = 0.0
     last_hello: float = 0.0
     hellos_unanswered: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.trainer.base}#{'?' if self.index is None else self.index}"
+
+    @property
+    def is_door(self) -> bool:
+        return self.control_endpoint == self.trainer.door
 
 
 @dataclasses.dataclass
@@ -147,26 +173,67 @@ class StreamProducer:
 
     def run(self) -> StreamReport:
         ctx = zmq.Context()
+        poller = zmq.Poller()
         ranks: list[_Rank] = []
         try:
             for base in self.config.connect:
-                for r in range(self.config.num_ranks):
-                    control_endpoint, _ = rank_endpoints(base, r)
-                    sock = self._control_socket(ctx, control_endpoint)
-                    ranks.append(_Rank(name=f"{base}#{r}", control_endpoint=control_endpoint, control=sock))
-            self._serve(ctx, ranks)
+                door, _ = rank_endpoints(base, 0)
+                self._add_rank(ctx, poller, ranks, _Trainer(base=base, door=door), None, door)
+            self._serve(ctx, poller, ranks)
         finally:
             for rank in ranks:
-                if rank.welcomed and not rank.done:
-                    try:
-                        send_message(rank.control, EndOfStream(reason="producer stopping"), flags=zmq.NOBLOCK)
-                    except zmq.ZMQError:
-                        pass
-                for sock in (rank.control, rank.data):
-                    if sock is not None:
-                        sock.close(linger=2000)  # flush what was pushed
+                self._close(rank, linger=2000)  # flush what was pushed
             ctx.term()
         return self.report
+
+    def _add_rank(
+        self,
+        ctx: zmq.Context,
+        poller: zmq.Poller,
+        ranks: list[_Rank],
+        trainer: _Trainer,
+        index: int | None,
+        endpoint: str,
+    ) -> None:
+        rank = _Rank(
+            trainer=trainer, index=index, control_endpoint=endpoint, control=self._control_socket(ctx, endpoint)
+        )
+        poller.register(rank.control, zmq.POLLIN)
+        ranks.append(rank)
+
+    def _close(self, rank: _Rank, *, linger: int) -> None:
+        if rank.welcomed and not rank.done:
+            try:
+                send_message(rank.control, EndOfStream(reason="producer stopping"), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        for sock in (rank.control, rank.data):
+            if sock is not None:
+                sock.close(linger=linger)
+
+    def _adopt_ranks(
+        self, ctx: zmq.Context, poller: zmq.Poller, ranks: list[_Rank], welcomed: _Rank, endpoints: list[str]
+    ) -> None:
+        """Make this trainer's ranks those ``welcomed``'s Welcome lists: greet ranks we do not know,
+        dial again those that moved, drop those that are gone. The door rank and the rank that
+        answered stay as dialled (they may be listed under another name for the same place)."""
+        trainer = welcomed.trainer
+        mine = [r for r in ranks if r.trainer is trainer]
+        for rank in mine:
+            moved = rank.index is not None and (
+                rank.index >= len(endpoints) or endpoints[rank.index] != rank.control_endpoint
+            )
+            if rank is not welcomed and not rank.is_door and moved:
+                logger.info("rank %s is no longer at %s", rank.name, rank.control_endpoint)
+                self._forget(rank)
+                poller.unregister(rank.control)
+                self._close(rank, linger=0)
+                ranks.remove(rank)
+        known = {r.index for r in ranks if r.trainer is trainer}
+        for index, endpoint in enumerate(endpoints):
+            if index not in known:
+                logger.info("trainer %s: greeting rank %d at %s", trainer.base, index, endpoint)
+                self._add_rank(ctx, poller, ranks, trainer, index, endpoint)
 
     def _control_socket(self, ctx: zmq.Context, endpoint: str) -> zmq.Socket:
         # No fixed identity: the rank's ROUTER names each connection itself, so no other peer can
@@ -183,11 +250,8 @@ class StreamProducer:
         poller.register(rank.control, zmq.POLLIN)
         rank.hellos_unanswered = 0
 
-    def _serve(self, ctx: zmq.Context, ranks: list[_Rank]) -> None:
+    def _serve(self, ctx: zmq.Context, poller: zmq.Poller, ranks: list[_Rank]) -> None:
         started = time.monotonic()
-        poller = zmq.Poller()
-        for rank in ranks:
-            poller.register(rank.control, zmq.POLLIN)
         last_beat = 0.0
         while not self.stop.is_set():
             now = time.monotonic()
@@ -224,8 +288,8 @@ class StreamProducer:
                             flags=zmq.NOBLOCK,
                         )
             events = dict(poller.poll(0 if self._ready() else 10 if self._in_flight else 100))
-            for rank in ranks:
-                while rank.control in events:
+            for rank in list(ranks):  # a Welcome may add or drop ranks
+                while rank in ranks and rank.control in events:
                     try:
                         _, message = recv_message(rank.control, flags=zmq.NOBLOCK, max_message_bytes=1 << 20)
                     except zmq.Again:
@@ -233,7 +297,10 @@ class StreamProducer:
                     except ProtocolError as e:
                         logger.warning("malformed message from rank %s: %s", rank.name, e)
                         continue
-                    self._on_control(ctx, rank, message)
+                    if isinstance(message, Welcome) and message.accepted:
+                        self._on_welcome(ctx, poller, ranks, rank, message)
+                    else:
+                        self._on_control(rank, message)
             if self._pushing:
                 self._on_results()
                 self._on_reports()
@@ -259,20 +326,49 @@ class StreamProducer:
         rank.welcomed = False
         rank.last_hello = 0.0
 
-    def _on_control(self, ctx: zmq.Context, rank: _Rank, message) -> None:
+    def _on_welcome(
+        self, ctx: zmq.Context, poller: zmq.Poller, ranks: list[_Rank], rank: _Rank, message: Welcome
+    ) -> None:
+        """Accepted: connect the data socket, and learn where the trainer's other ranks are."""
         rank.last_heard = time.monotonic()
         rank.hellos_unanswered = 0
-        if isinstance(message, Welcome):
-            if not message.accepted:
-                rank.refused = message.reason
-                logger.error("rank %s refused us: %s", rank.name, message.reason)
-                return
-            rank.data_endpoint = message.data_endpoint
-            if rank.data is None and not self._pushing:
-                rank.data = make_socket(ctx, zmq.PUSH, self.config.socket, connect=message.data_endpoint)
-                rank.data.setsockopt(zmq.SNDTIMEO, int(SEND_POLL_SECONDS * 1000))
-            rank.welcomed = True
-            logger.info("rank %s welcomed us; data -> %s", rank.name, message.data_endpoint)
+        endpoints = list(message.trainer_endpoints)
+        problem = ""
+        try:
+            check_dialable(message.data_endpoint)
+            for endpoint in endpoints:
+                check_dialable(endpoint)
+        except ValueError as e:
+            problem = f"its Welcome names {e}"
+        if not problem and len(endpoints) > MAX_TRAINER_RANKS:
+            problem = f"its Welcome lists {len(endpoints)} ranks, more than {MAX_TRAINER_RANKS}"
+        expected = self.config.num_ranks
+        if not problem and expected is not None and len(endpoints) != expected:
+            problem = f"the trainer has {len(endpoints)} ranks but --num-ranks is {expected}"
+        if problem:
+            for other in ranks:
+                if other.trainer is rank.trainer:
+                    other.refused = problem
+            logger.error("trainer %s: %s; not serving it", rank.trainer.base, problem)
+            return
+        rank.index = message.trainer_rank
+        if rank.data is not None and rank.data_endpoint != message.data_endpoint:  # restarted elsewhere
+            rank.data.close(linger=0)
+            rank.data = None
+        rank.data_endpoint = message.data_endpoint
+        if rank.data is None and not self._pushing:
+            rank.data = make_socket(ctx, zmq.PUSH, self.config.socket, connect=message.data_endpoint)
+            rank.data.setsockopt(zmq.SNDTIMEO, int(SEND_POLL_SECONDS * 1000))
+        rank.welcomed = True
+        logger.info("rank %s welcomed us; data -> %s", rank.name, message.data_endpoint)
+        self._adopt_ranks(ctx, poller, ranks, rank, endpoints or [rank.control_endpoint])
+
+    def _on_control(self, rank: _Rank, message) -> None:
+        rank.last_heard = time.monotonic()
+        rank.hellos_unanswered = 0
+        if isinstance(message, Welcome):  # a refusal (acceptances go to _on_welcome)
+            rank.refused = message.reason
+            logger.error("rank %s refused us: %s", rank.name, message.reason)
         elif isinstance(message, Grant):
             if rank.welcomed:
                 self._work.append(_Work(rank=rank, grant=message, remaining=collections.deque(message.sample_ids)))

@@ -24,7 +24,8 @@ from typing import ClassVar
 
 import torch
 
-PROTOCOL_VERSION = 2  # 2: grants carry a token that their samples must echo
+# 2: grants carry a token that their samples must echo; 3: a Welcome lists every rank's control endpoint
+PROTOCOL_VERSION = 3
 
 
 class ProtocolError(ValueError):
@@ -91,13 +92,24 @@ class Hello(Message):
 @_register
 @dataclasses.dataclass(kw_only=True)
 class Welcome(Message):
-    """Trainer -> producer: handshake answer. ``reason`` explains a refusal."""
+    """Trainer -> producer: handshake answer. ``reason`` explains a refusal.
+
+    An acceptance names where to push data (``data_endpoint``) and the control endpoints of every
+    rank of the trainer (``trainer_endpoints``, index = rank): a producer given one rank's address
+    finds all the others there."""
 
     KIND: ClassVar[Kind] = Kind.WELCOME
     accepted: bool
     reason: str = ""
     trainer_rank: int = 0
     data_endpoint: str = ""
+    trainer_endpoints: list[str] = dataclasses.field(default_factory=list)
+
+    def check(self) -> None:
+        if self.accepted and self.trainer_endpoints and not 0 <= self.trainer_rank < len(self.trainer_endpoints):
+            raise ProtocolError(
+                f"welcome from rank {self.trainer_rank} lists {len(self.trainer_endpoints)} trainer endpoints"
+            )
 
 
 @_register

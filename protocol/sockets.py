@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import platform
+import socket
 import stat
 import threading
 import time
@@ -141,9 +142,13 @@ def is_loopback_endpoint(endpoint: str) -> bool:
         return False
 
 
-def rank_endpoints(base: str, rank: int) -> tuple[str, str]:
+def rank_endpoints(base: str, rank: int, *, local_rank: int | None = None) -> tuple[str, str]:
     """Control and data endpoints of ``rank``: ``ipc://DIR`` -> ``ipc://DIR/rank{r}-{control,data}.sock``;
-    ``tcp://HOST:PORT`` -> ports PORT+2r and PORT+2r+1."""
+    ``tcp://HOST:PORT`` -> ports PORT+2l and PORT+2l+1, where l is the rank's ``local_rank`` on its
+    host (default: ``rank``, all ranks on one host). So with ``torchrun --nnodes N`` every node's
+    first rank answers at PORT on its own host."""
+    if local_rank is not None and scheme_of(base) == "tcp":
+        rank = local_rank
     scheme, _, rest = base.partition("://")
     if scheme == "ipc":
         return f"ipc://{rest}/rank{rank}-control.sock", f"ipc://{rest}/rank{rank}-data.sock"
@@ -155,6 +160,46 @@ def rank_endpoints(base: str, rank: int) -> tuple[str, str]:
             )
         return f"tcp://{host}:{int(port) + 2 * rank}", f"tcp://{host}:{int(port) + 2 * rank + 1}"
     raise ValueError(f"--stream-endpoint/--connect must be ipc://DIR or tcp://HOST:PORT, got {base!r}")
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "[::]")
+
+
+def scheme_of(endpoint: str) -> str:
+    return endpoint.partition("://")[0]
+
+
+def endpoint_host(endpoint: str) -> str:
+    """The host of a ``tcp://HOST:PORT`` endpoint ("" for other schemes)."""
+    scheme, _, rest = endpoint.partition("://")
+    return rest.rsplit(":", 1)[0] if scheme == "tcp" else ""
+
+
+def advertised_endpoint(endpoint: str, advertise_host: str | None) -> str:
+    """``endpoint`` as peers on other hosts should dial it: a tcp endpoint bound on a wildcard
+    address (0.0.0.0, ``*``, ``::``) is advertised under ``advertise_host`` (default: this host's
+    name), same port. Other endpoints are dialled as they are bound."""
+    if not endpoint.startswith("tcp://"):
+        return endpoint
+    host, port = endpoint_host(endpoint), endpoint.rsplit(":", 1)[1]
+    if advertise_host:
+        return f"tcp://{advertise_host}:{port}"
+    if host in WILDCARD_HOSTS:
+        return f"tcp://{socket.gethostname()}:{port}"
+    return endpoint
+
+
+def check_dialable(endpoint: str) -> str:
+    """``endpoint`` if a producer may dial it (``ipc://PATH`` or ``tcp://HOST:PORT``, no wildcard
+    host); ValueError otherwise. Endpoints learnt from a peer pass here before anything dials them."""
+    scheme, _, rest = endpoint.partition("://")
+    host, _, port = rest.rpartition(":")
+    ok = (scheme == "ipc" and bool(rest) and rest != "*") or (
+        scheme == "tcp" and bool(host) and host not in WILDCARD_HOSTS and port.isdigit() and 0 < int(port) < 65536
+    )
+    if not ok or len(endpoint) > 512:
+        raise ValueError(f"not an endpoint a producer can dial: {endpoint[:100]!r}")
+    return endpoint
 
 
 def prepare_ipc_dir(endpoint: str) -> Path | None:

@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--stream-endpoint",
         default=None,
-        help="ipc://DIR or tcp://HOST:PORT; rank r binds control/data at DIR/rank{r}-*.sock or PORT+2r, PORT+2r+1",
+        help="ipc://DIR or tcp://HOST:PORT on this node; rank r binds control/data at DIR/rank{r}-*.sock, or at "
+        "PORT+2l, PORT+2l+1 with l its local rank on the node. Producers need only rank 0's address: it lists every rank's",
     )
     g.add_argument(
         "--buffer-bytes",
@@ -207,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--allow-remote", action="store_true", help="allow binding addresses other hosts can reach")
     g.add_argument(
-        "--advertise-host", default=None, help="host name producers should push data to (with tcp:// on 0.0.0.0)"
+        "--advertise-host",
+        default=None,
+        help="host name producers dial this rank at (default: as bound; this host's name when binding tcp://0.0.0.0)",
     )
     g.add_argument(
         "--curve-secret-key", default=None, help="CURVE: this trainer's secret key file (draftstream keygen)"
@@ -479,7 +482,9 @@ def planned_peak_bytes(
     ]
 
 
-def _stream_config(args: argparse.Namespace, *, rank: int, planned_peak: int) -> StreamConfig:
+def _stream_config(
+    args: argparse.Namespace, *, rank: int, planned_peak: int, local_rank: int | None = None
+) -> StreamConfig:
     """This rank's ``StreamConfig``; refuses a ``--buffer-bytes`` below ``planned_peak``."""
     curve = None
     if args.curve_secret_key:
@@ -490,6 +495,7 @@ def _stream_config(args: argparse.Namespace, *, rank: int, planned_peak: int) ->
         StreamConfig,
         args,
         rank=rank,
+        local_rank=local_rank,
         endpoint=args.stream_endpoint,
         batch_tokens=args.total_seq_len * args.grad_accum_steps,
         planned_peak_bytes=planned_peak,
@@ -509,11 +515,17 @@ def _stream_source(
     val_ids: list[int],
 ):
     """This rank's live sample source: binds its endpoints and waits for producers."""
+    from trainer.training.distributed import all_gather_text
+
     target = _target_spec(args, dataset, verifier_config, aux_ids)
     [peak] = planned_peak_bytes(
         loop_config, dataset, target, train_ids, val_ids, world_size=env.world_size, ranks=[env.rank]
     )
-    config = _stream_config(args, rank=env.rank, planned_peak=peak)
+    config = _stream_config(args, rank=env.rank, local_rank=env.local_rank, planned_peak=peak)
+    # Every rank's control endpoint, as producers dial it: any rank's Welcome lists them all, so a
+    # producer needs only rank 0's address, wherever the other ranks run (torchrun --nnodes N).
+    control, _ = config.advertised_endpoints()
+    config = dataclasses.replace(config, trainer_endpoints=all_gather_text(control, env))
     if args.spill_dir:
         Path(args.spill_dir).mkdir(parents=True, exist_ok=True)
     source = StreamSampleSource(

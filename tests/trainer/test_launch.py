@@ -484,3 +484,151 @@ def test_run_stops_cleanly_on_sigterm(workload, tmp_path):
     assert "stopped on request" in out
     state = read_training_state(save / "latest")
     assert state["global_step"] == steps_recorded(save)
+
+
+def _free_base_port(hosts: list[str], span: int) -> int:
+    """A port P with P..P+span-1 free on every host."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + span >= 65536:
+            continue
+        try:
+            for host in hosts:
+                for port in range(base, base + span):
+                    with socket.socket() as s:
+                        s.bind((host, port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port range")
+
+
+def test_ranks_on_two_nodes_are_found_through_one_address_and_train_as_one_node(workload, tmp_path):
+    """torchrun --nnodes 2 with c10d rendezvous: each "node" binds its own loopback address, and two
+    producers given only the first node's address, over tcp with CURVE, stream into all 4 ranks. The
+    record equals the plan and the losses equal a 4-rank run on one node."""
+    from protocol.sockets import make_curve_keys
+
+    hosts = ["127.0.0.2", "127.0.0.3"]
+    stream_port, rdzv_port = _free_base_port(hosts, 4), _free_base_port(["127.0.0.1"], 1)
+    server_public, server_secret = make_curve_keys(tmp_path / "trainer", "trainer")
+    authorized = tmp_path / "authorized"
+    authorized.mkdir()
+    producer_keys = []
+    for i in range(2):
+        public, secret = make_curve_keys(tmp_path / f"producer-{i}", f"producer-{i}")
+        (authorized / f"producer-{i}.key").write_bytes(public.read_bytes())
+        producer_keys.append(secret)
+    save, common = tmp_path / "two-nodes", ["--epochs", "1", *TRAIN_ARGS]
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=2",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{rdzv_port}",
+                "--rdzv-id=two-nodes",
+                "-m",
+                "protocol.cli",
+                "train",
+                "--verifier-name-or-path",
+                workload["model"],
+                "--data-path",
+                workload["data"],
+                "--save-path",
+                str(save),
+                "--stream-endpoint",
+                f"tcp://{host}:{stream_port}",
+                "--curve-secret-key",
+                str(server_secret),
+                "--curve-authorized-keys",
+                str(authorized),
+                *common,
+            ],
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for host in hosts
+    ]
+    producers = [
+        subprocess.Popen(
+            [
+                *CLI,
+                "produce",
+                "--model",
+                workload["model"],
+                "--data",
+                workload["data"],
+                "--connect",
+                f"tcp://{hosts[0]}:{stream_port}",  # one address: the first node's first rank
+                "--producer-id",
+                f"producer-{i}",
+                "--curve-secret-key",
+                str(secret),
+                "--curve-server-key",
+                str(server_public),
+            ],
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i, secret in enumerate(producer_keys)
+    ]
+    try:
+        outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+        assert [agent.returncode for agent in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+        produced = [p.communicate(timeout=60)[0] for p in producers]
+        assert [p.returncode for p in producers] == [0, 0], "\n".join(o[-3000:] for o in produced)
+    finally:
+        for process in agents + producers:
+            process.kill()
+    for out in produced:  # each producer found all 4 ranks, on both hosts
+        for host in hosts:
+            for data_port in (stream_port + 1, stream_port + 3):
+                assert f"welcomed us; data -> tcp://{host}:{data_port}" in out, out[-3000:]
+    expected = expected_record(workload["data"], epochs=1, world=4)
+    assert_record_matches_plan(save, expected)
+
+    one_node = tmp_path / "one-node"
+    done = subprocess.run(
+        [
+            *CLI,
+            "run",
+            "--model",
+            workload["model"],
+            "--data",
+            workload["data"],
+            "--save-path",
+            str(one_node),
+            "--nproc-per-node",
+            "4",
+            "--num-producers",
+            "1",
+            "--",
+            *common,
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_record_matches_plan(one_node, expected)
+
+    def losses(path):
+        rows = [json.loads(line) for line in (path / "train_log.jsonl").read_text().splitlines()]
+        return [(r["kind"], r["global_step"], r.get("loss", r.get("val_loss"))) for r in rows]
+
+    two, one = losses(save), losses(one_node)
+    assert [r[:2] for r in two] == [r[:2] for r in one] and len(two) > 2
+    assert [r[2] for r in two] == pytest.approx([r[2] for r in one], rel=1e-5)

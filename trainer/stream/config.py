@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from protocol.codec import DTYPES
-from protocol.sockets import SocketConfig, rank_endpoints
+from protocol.sockets import SocketConfig, advertised_endpoint, rank_endpoints
 from protocol.target import TargetSpec, sample_nbytes
 
 BATCHES_BUFFERED = 4  # --buffer-bytes default: at least this many full batches (batch_tokens each)
@@ -46,7 +46,13 @@ class StreamConfig:
     endpoint: str  # --stream-endpoint: base, see rank_endpoints
     batch_tokens: int  # tokens of one optimizer step on this rank: --total-seq-len x --grad-accum-steps
     rank: int = 0
-    advertise_host: str | None = None  # host producers should push data to, when binding 0.0.0.0
+    local_rank: int | None = None  # this rank's index on its host (tcp ports count from it); None: = rank
+    advertise_host: str | None = (
+        None  # --advertise-host: how producers reach this rank (default: as bound; hostname for 0.0.0.0)
+    )
+    # Advertised control endpoints of every rank (index = rank), gathered over the process group at
+    # start-up: every Welcome lists them, so a producer needs only one rank's address. [] = this rank alone.
+    trainer_endpoints: list[str] = dataclasses.field(default_factory=list)
     buffer_bytes: int | None = None  # --buffer-bytes; None: sized to the plan, see buffer_budget
     planned_peak_bytes: int = 0  # peak_live_bytes of this rank's planned fetch order, every epoch
     lease_seconds: float = 120.0  # --lease-seconds
@@ -83,6 +89,17 @@ class StreamConfig:
         if self.samples_per_lease < 1 or self.leases_per_producer < 1:
             raise ValueError("samples per lease and leases per producer must be >= 1")
         rank_endpoints(self.endpoint, self.rank)  # validates the form
+        if self.trainer_endpoints and self.rank >= len(self.trainer_endpoints):
+            raise ValueError(f"rank {self.rank} is missing from the {len(self.trainer_endpoints)} trainer endpoints")
+
+    def bound_endpoints(self) -> tuple[str, str]:
+        """This rank's control and data endpoints as it binds them."""
+        return rank_endpoints(self.endpoint, self.rank, local_rank=self.local_rank)
+
+    def advertised_endpoints(self) -> tuple[str, str]:
+        """This rank's control and data endpoints as producers dial them (``--advertise-host``)."""
+        control, data = self.bound_endpoints()
+        return advertised_endpoint(control, self.advertise_host), advertised_endpoint(data, self.advertise_host)
 
     def buffer_budget(self, target: TargetSpec) -> int:
         """Bytes this rank's replay buffer may hold: ``buffer_bytes`` if given, else the larger of

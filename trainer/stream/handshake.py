@@ -39,9 +39,9 @@ def refusal_reason(problems: list[tuple[str, str]], *, authenticated: bool) -> s
     return "mismatch in " + ", ".join(field for field, _ in problems) + " (the trainer's log says more)"
 
 
-def welcome(rank: int, data_endpoint: str) -> Welcome:
-    """Accepted: push samples to ``data_endpoint``."""
-    return Welcome(accepted=True, trainer_rank=rank, data_endpoint=data_endpoint)
+def welcome(rank: int, data_endpoint: str, trainer_endpoints: list[str]) -> Welcome:
+    """Accepted: push samples to ``data_endpoint``; the trainer's ranks answer at ``trainer_endpoints``."""
+    return Welcome(accepted=True, trainer_rank=rank, data_endpoint=data_endpoint, trainer_endpoints=trainer_endpoints)
 
 
 def refusal(rank: int, reason: str) -> Welcome:
@@ -51,12 +51,3 @@ def refusal(rank: int, reason: str) -> Welcome:
 def version_refusal(rank: int, error: ProtocolVersionError) -> Welcome:
     """A producer speaking another protocol version: refused, saying how to fix it."""
     return refusal(rank, f"{error}; upgrade draftstream so both sides speak {PROTOCOL_VERSION}")
-
-
-def advertised_data_endpoint(data_endpoint: str, advertise_host: str | None) -> str:
-    """The data endpoint as producers should dial it: a tcp endpoint bound on 0.0.0.0 is
-    advertised under ``advertise_host`` (--advertise-host), same port."""
-    if advertise_host and data_endpoint.startswith("tcp://"):
-        port = data_endpoint.rsplit(":", 1)[1]
-        return f"tcp://{advertise_host}:{port}"
-    return data_endpoint

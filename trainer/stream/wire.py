@@ -54,12 +54,11 @@ from protocol.messages import (
     ProtocolVersionError,
     Sample,
 )
-from protocol.sockets import make_socket, rank_endpoints, recv_bounded, send_message
+from protocol.sockets import make_socket, recv_bounded, send_message
 from protocol.target import TargetSpec
 from trainer.data.batch import TrainSample
 from trainer.stream.config import StreamConfig
 from trainer.stream.handshake import (
-    advertised_data_endpoint,
     hello_problems,
     refusal,
     refusal_reason,
@@ -129,7 +128,10 @@ class StreamIO:
         self._log = RateLimitedLog(logger)
         self._strikes: collections.Counter[Key] = collections.Counter()  # refusals per key from lease holders
         self.error: BaseException | None = None
-        self.control_endpoint, self.data_endpoint = rank_endpoints(config.endpoint, config.rank)
+        self.control_endpoint, self.data_endpoint = config.bound_endpoints()
+        # How producers dial us, and every rank of the trainer (gathered at start-up; alone: just us).
+        self.advertised_control, self.advertised_data = config.advertised_endpoints()
+        self.trainer_endpoints = list(config.trainer_endpoints) or [self.advertised_control]
         self._uses: dict[Key, int] = {}  # planned uses left of every scheduled key
         self._last_heartbeat = 0.0
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -463,8 +465,7 @@ class StreamIO:
         if producer is not None:  # a re-hello (it restarted or reconnected): its old leases are void
             self.leases.producer_lost(route)
         self.producers[route] = _Producer(route=route, producer_id=hello.producer_id, last_seen=time.monotonic())
-        data_endpoint = advertised_data_endpoint(self.data_endpoint, self.config.advertise_host)
-        self._send(control, route, welcome(self.config.rank, data_endpoint))
+        self._send(control, route, welcome(self.config.rank, self.advertised_data, self.trainer_endpoints))
         self._log.info(("joined",), "producer %s joined rank %d", who, self.config.rank)
 
     def _send(self, control: zmq.Socket, route: bytes, message: Message) -> bool:

@@ -113,6 +113,21 @@ def broadcast_ids(ids: Sequence[int], env: DistEnv) -> list[int]:
     return t.tolist()
 
 
+def all_gather_text(text: str, env: DistEnv) -> list[str]:
+    """Every rank's ``text``, in rank order (no pickle: UTF-8 bytes in padded uint8 tensors)."""
+    if not env.is_distributed:
+        return [text]
+    data = torch.tensor(list(text.encode()), dtype=torch.uint8, device=env.device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=env.device) for _ in range(env.world_size)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=env.device))
+    longest = max(int(n.item()) for n in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=env.device)
+    padded[: data.numel()] = data
+    gathered = [torch.empty(longest, dtype=torch.uint8, device=env.device) for _ in range(env.world_size)]
+    dist.all_gather(gathered, padded)
+    return [bytes(t[: int(n.item())].tolist()).decode() for t, n in zip(gathered, sizes)]
+
+
 def shard_model(model: nn.Module, env: DistEnv, *, bf16: bool) -> nn.Module:
     """FSDP2: ``fully_shard`` each decoder layer, then the root. Single process: move to device."""
     model.to(env.device)

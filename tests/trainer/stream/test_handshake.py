@@ -8,7 +8,6 @@ import dataclasses
 from protocol.messages import PROTOCOL_VERSION, Hello, ProtocolVersionError
 from protocol.target import TargetSpec
 from trainer.stream.handshake import (
-    advertised_data_endpoint,
     hello_mismatch,
     hello_problems,
     refusal,
@@ -63,15 +62,12 @@ def test_a_mismatching_hello_names_every_difference_and_the_flag():
 
 
 def test_replies():
-    accepted = welcome(3, "tcp://h:5607")
-    assert accepted.accepted and accepted.trainer_rank == 3 and accepted.data_endpoint == "tcp://h:5607"
+    ranks = [f"tcp://h{r // 2}:{5600 + 2 * (r % 2)}" for r in range(4)]
+    accepted = welcome(3, "tcp://h1:5603", ranks)
+    assert accepted.accepted and accepted.trainer_rank == 3 and accepted.data_endpoint == "tcp://h1:5603"
+    assert accepted.trainer_endpoints == ranks
+    accepted.check()
     refused = refusal(1, "why")
     assert not refused.accepted and refused.reason == "why" and refused.trainer_rank == 1
     old = version_refusal(0, ProtocolVersionError(PROTOCOL_VERSION + 1))
     assert not old.accepted and "protocol version" in old.reason and f"speak {PROTOCOL_VERSION}" in old.reason
-
-
-def test_a_wildcard_tcp_bind_is_advertised_under_the_given_host():
-    assert advertised_data_endpoint("tcp://0.0.0.0:5601", "node7") == "tcp://node7:5601"
-    assert advertised_data_endpoint("tcp://0.0.0.0:5601", None) == "tcp://0.0.0.0:5601"
-    assert advertised_data_endpoint("ipc:///run/s/rank0-data.sock", "node7") == "ipc:///run/s/rank0-data.sock"

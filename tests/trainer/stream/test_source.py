@@ -3,6 +3,8 @@ HF capture backend): plan order, handshake checks, the byte bound, garbage, lost
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 import time
 
@@ -68,9 +70,8 @@ def start_producer(tmp_path, backend, rows, name="producer-0", **config):
     producer = StreamProducer(
         StreamClientConfig(
             producer_id=name,
-            connect=[f"ipc://{tmp_path}/stream"],
             handshake_timeout_seconds=20,
-            **{"max_batch_tokens": 64, **config},
+            **{"max_batch_tokens": 64, "connect": [f"ipc://{tmp_path}/stream"], **config},
         ),
         backend,
         lambda sid: rows[sid],
@@ -278,3 +279,65 @@ def test_an_abandoned_epoch_skips_to_its_validation_and_frees_the_rest(tmp_path,
         source.fetch([2])
     source.close()
     thread.join(20)
+
+
+def two_rank_trainer(tmp_path, backend, rows, bases):
+    """Ranks 0 and 1 of one trainer, each binding under its own base (two hosts, as torchrun
+    --nnodes 2 gives), each listing both ranks' control endpoints as the process group gathers them."""
+    configs = [
+        StreamConfig(endpoint=f"ipc://{tmp_path}/{base}", rank=r, batch_tokens=256, buffer_bytes=2 << 30)
+        for r, base in enumerate(bases)
+    ]
+    controls = [c.advertised_endpoints()[0] for c in configs]
+    return [
+        StreamSampleSource(
+            dataclasses.replace(c, trainer_endpoints=controls),
+            spec_of(backend),
+            lengths=lambda sid: rows[sid].input_ids.shape[0],
+            expected_row=lambda sid: (rows[sid].input_ids, rows[sid].loss_mask),
+        ).start()
+        for c in configs
+    ]
+
+
+def crash(source):
+    """Close a rank's sockets without telling producers, as a killed trainer does."""
+    source._io._broadcast = lambda control, message: None
+    source.close()
+
+
+def test_a_producer_given_rank_0_finds_the_other_ranks_and_finds_them_again_after_a_restart(
+    tmp_path, backend, rows, caplog
+):
+    caplog.set_level(logging.INFO, logger="producer.stream_client")
+    ranks = two_rank_trainer(tmp_path, backend, rows, ["host-a", "host-b"])
+    producer, thread = start_producer(tmp_path, backend, rows, connect=[f"ipc://{tmp_path}/host-a"])
+    for r, source in enumerate(ranks):
+        source.schedule(0, [r, r + 2])
+    for r, source in enumerate(ranks):
+        assert [s.sample_id for s in source.fetch([r, r + 2]).samples] == [r, r + 2]
+    for source in ranks:
+        crash(source)
+    # The trainer comes back: rank 0 at the same address, rank 1 on another host.
+    ranks = two_rank_trainer(tmp_path, backend, rows, ["host-a", "host-c"])
+    for r, source in enumerate(ranks):
+        source.schedule(0, [r + 4])
+    for r, source in enumerate(ranks):
+        assert [s.sample_id for s in source.fetch([r + 4]).samples] == [r + 4]
+    for source in ranks:
+        source.close()
+    thread.join(20)
+    assert not thread.is_alive() and producer.report.exit_code == 0 and producer.report.samples == 6
+    assert f"greeting rank 1 at ipc://{tmp_path}/host-b/rank1-control.sock" in caplog.text
+    assert f"no longer at ipc://{tmp_path}/host-b/rank1-control.sock" in caplog.text
+    assert f"greeting rank 1 at ipc://{tmp_path}/host-c/rank1-control.sock" in caplog.text
+
+
+def test_a_trainer_with_other_than_num_ranks_ranks_is_not_served(tmp_path, backend, rows, caplog):
+    ranks = two_rank_trainer(tmp_path, backend, rows, ["host-a", "host-b"])
+    producer, thread = start_producer(tmp_path, backend, rows, connect=[f"ipc://{tmp_path}/host-a"], num_ranks=4)
+    thread.join(20)
+    for source in ranks:
+        source.close()
+    assert not thread.is_alive() and producer.report.exit_code == 2 and producer.report.samples == 0
+    assert "the trainer has 2 ranks but --num-ranks is 4" in caplog.text
