@@ -1094,5 +1094,102 @@ class Attacks:
         return dict(self.results)
 
 
+# ---- whose log lines: several rows against one run ------------------------------------------------
+
+DROP_LINE = re.compile(r"dropped sample \((-?\d+), (-?\d+)\): ")
+DROP_SUMMARY = re.compile(r"similar lines suppressed in \d+s \(\('drop', '([^']*)'\)\)")
+# Lines no Sample on the data socket can cause: the control socket's, named peers' (joined, refused,
+# failing leases, reporting errors, leaving), row 1's absurd shapes, row 8's forged text.
+NOT_FROM_SAMPLES = [
+    re.compile(pattern)
+    for pattern in (
+        r"on the control socket",
+        r"malformed control message",
+        r"refused producer ",
+        r"producer \S+ (joined rank|failed lease|tried to fail lease|reports |lost \()",
+        r"bad shape \[0, (18446744073709551615|9223372036854775807)",
+        r"similar lines suppressed in \d+s \(\('(foreign lease|lease failed|error|refused hello|joined|malformed control)'",
+        r"similar lines suppressed in \d+s \(\('refused', 'control'\)\)",
+        re.escape(FORGE_MARK),
+    )
+]
+
+
+def sort_sample_lines(lines: list[str], workload: Workload) -> dict[str, list[str]]:
+    """An attacked run's new log lines (``new_log_lines``), sorted by who can have caused them, for
+    rows that push Samples next to other hostile peers: "needed" (a dropped sample of a key the run
+    needs: rows 4, 5's forged samples), "unneeded" (of a key it does not need: row 9), "either" (a
+    suppression summary of the drop reason both meet, "not needed"), "others" (lines no Sample can
+    cause, ``NOT_FROM_SAMPLES``: another row's) and "unclaimed" (the rest: a pushing row counts them
+    against its bound)."""
+    needed = set(workload.needed_keys)
+    out: dict[str, list[str]] = {k: [] for k in ("needed", "unneeded", "either", "others", "unclaimed")}
+    for line in lines:
+        if m := DROP_LINE.search(line):
+            out["needed" if (int(m[1]), int(m[2])) in needed else "unneeded"].append(line)
+        elif m := DROP_SUMMARY.search(line):
+            out["either" if m[1] == "not needed" else "needed"].append(line)
+        elif any(p.search(line) for p in NOT_FROM_SAMPLES):
+            out["others"].append(line)
+        else:
+            out["unclaimed"].append(line)
+    return out
+
+
+# ---- every row at once (the soak) -----------------------------------------------------------------
+
+IDLE_PRODUCERS = 20  # row 6's idle fake producers in the soak's run
+
+
+def run_mixed_load(workload: Workload, baseline: RunResult, workdir: Path) -> tuple[RunResult, dict]:
+    """Every row's hostile client at once against one run with --lease-seconds 6 (row 6's setting):
+    ``IDLE_PRODUCERS`` idle producers and rows 4, 5, 9's samples from just before the producer
+    starts, the other rows from just after. Each client is bounded in messages and seconds; the
+    harness kills a run that stalls past 1.5 x the baseline (at least 30 s) + 100 s."""
+    limit = 1.5 * max(baseline.wall_s, 30.0) + 100
+    with TrainingRun(
+        workload, workdir, start_producer=False, train_args=["--lease-seconds", "6"], timeout=limit
+    ) as run:
+        assert run.wait_until_training(), run.log()[-3000:]
+        stop = run.finished
+        attacks = Attacks()
+        attacks.start(
+            "6 idle producers", lambda: fake_producers(run, workload, count=IDLE_PRODUCERS, stop=stop, limit=120)
+        )
+        nan = forged_sample_maker(workload, fills=["nan"], lease_ids=range(1, 33))
+        zero = forged_sample_maker(workload, fills=["zero"], lease_ids=[10**9])
+        unneeded = unneeded_sample_maker(workload)
+        attacks.start("4 nan samples", lambda: push_samples(run, nan, stop=stop, limit=600, seconds=60, rate=60))
+        attacks.start("5 zero samples", lambda: push_samples(run, zero, stop=stop, limit=600, seconds=60, rate=60))
+        attacks.start("9 unneeded", lambda: push_samples(run, unneeded, stop=stop, limit=1000, seconds=60, rate=100))
+        time.sleep(1.0)
+        run.start_producer()
+        attacks.start("1 absurd shapes", lambda: send_absurd_shapes(run, stop=stop))
+        attacks.start("3 40 x 60 MiB", lambda: oversized_messages(run, frames=40, frame_bytes=60 * MiB, count=2))
+        attacks.start("3 100 x (4 x 2 MiB)", lambda: oversized_messages(run, frames=4, frame_bytes=2 * MiB, count=100))
+        attacks.start("7 hostile hellos", lambda: probe_handshakes(run, workload))
+        attacks.start("8 error flood", lambda: flood_errors(run, workload, count=3000, stop=stop, seconds=60))
+        attacks.start("10 lease sabotage", lambda: fail_others_leases(run, workload, stop=stop, seconds=60))
+        attacks.start("2 identity theft", lambda: steal_identity(run, PRODUCER_ID.encode(), stop=stop, limit=60))
+        result = run.wait()
+        figures = attacks.join(timeout=60)
+    return result, figures
+
+
+def shared_mixed_load(tmp_path_factory, workload: Workload, baseline: RunResult) -> tuple[RunResult, dict]:
+    """``run_mixed_load`` once per pytest process and workload: the soak and row 6 assert on the
+    same run (a failure is kept and raised again, not run twice)."""
+    key = ("mixed", str(workload.data))
+    if key not in _SHARED:
+        try:
+            _SHARED[key] = run_mixed_load(workload, baseline, tmp_path_factory.mktemp("hostile-mixed"))
+        except BaseException as e:
+            _SHARED[key] = e
+            raise
+    if isinstance(_SHARED[key], BaseException):
+        raise AssertionError(f"the shared mixed-load run failed before: {_SHARED[key]!r}")
+    return _SHARED[key]
+
+
 def fmt_mib(n: float) -> str:
     return f"{n / MiB:.0f} MiB" if not math.isnan(n) else "n/a"

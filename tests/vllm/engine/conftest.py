@@ -144,23 +144,90 @@ def run_cli(command: list[str], where: str, timeout: float = 300) -> SpillRun:
     return SpillRun(command, directory, done.returncode, done.stdout, done.stderr, seconds, starts)
 
 
+# Spill runs a module starts ahead (``vllm_spills.start``) run at most this many at a time: an engine
+# start-up is mostly one process importing at a time (the producer, then its engine core, then its
+# worker), so two share a 2-core machine with little loss.
+SPILL_JOBS = 2
+
+
+class SpillRuns:
+    """``produce --backend vllm --spill`` runs, one per (arch, dtype) per session: ``runs(arch,
+    dtype)`` waits for (or starts and waits for) that run; ``runs.start(*keys)`` starts runs ahead
+    of the tests that read them, ``SPILL_JOBS`` at a time, in the order given."""
+
+    def __init__(self, workloads, tmp_path_factory):
+        self._workloads, self._tmp = workloads, tmp_path_factory
+        self._done: dict[tuple[str, str], SpillRun] = {}
+        self._running: dict[tuple[str, str], tuple] = {}
+        self._ahead: list[tuple[str, str]] = []
+
+    def __call__(self, arch: str, dtype: str) -> SpillRun:
+        key = (arch, dtype)
+        if key not in self._done:
+            if key not in self._running:
+                self._launch(key)
+            self._finish(key)
+        run = self._done[key]
+        assert run.returncode == 0, run.stderr[-4000:]
+        return run
+
+    def start(self, *keys: tuple[str, str]) -> None:
+        self._ahead += [k for k in keys if k not in self._done and k not in self._running and k not in self._ahead]
+        self._fill()
+
+    def _fill(self) -> None:
+        while self._ahead and len(self._running) < SPILL_JOBS:
+            self._launch(self._ahead.pop(0))
+
+    def _launch(self, key: tuple[str, str]) -> None:
+        if key in self._ahead:
+            self._ahead.remove(key)
+        arch, dtype = key
+        directory = self._tmp.mktemp(f"vllm-spill-{arch}-{dtype}")
+        command = spill_command(self._workloads(arch), directory, dtype)
+        out, err = (open(self._tmp.getbasetemp() / f"{directory.name}.{n}", "w+") for n in ("out", "err"))  # noqa: SIM115
+        process = subprocess.Popen(command, env=cli_env(), stdout=out, stderr=err, text=True)
+        self._running[key] = (process, command, directory, time.perf_counter(), out, err)
+
+    def _finish(self, key: tuple[str, str], timeout: float = 300) -> None:
+        process, command, directory, start, out, err = self._running.pop(key)
+        try:
+            process.wait(max(1.0, timeout - (time.perf_counter() - start)))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(30)
+            raise
+        finally:
+            seconds = time.perf_counter() - start
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()
+            out.close()
+            err.close()
+            self._fill()  # the next run ahead takes the free slot
+        arch, dtype = key
+        starts = record_engine_starts(f"produce --backend vllm --spill ({arch}, {dtype})", stdout + stderr)
+        self._done[key] = SpillRun(command, directory, process.returncode, stdout, stderr, seconds, starts)
+
+    def close(self) -> None:
+        self._ahead.clear()
+        for process, *_, out, err in self._running.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(30)
+            out.close()
+            err.close()
+        self._running.clear()
+
+
 @pytest.fixture(scope="session")
-def vllm_spills(workloads, tmp_path_factory, request):
+def vllm_spills(workloads, tmp_path_factory):
     """``vllm_spills(arch, dtype)``: files of ``produce --backend vllm --spill DIR --dtype DTYPE --validate``
-    over every row, one run (one engine) per (arch, dtype) per session."""
-    runs: dict[tuple[str, str], SpillRun] = {}
-
-    def get(arch: str, dtype: str) -> SpillRun:
-        if (arch, dtype) not in runs:
-            directory = tmp_path_factory.mktemp(f"vllm-spill-{arch}-{dtype}")
-            run = run_cli(
-                spill_command(workloads(arch), directory, dtype), f"produce --backend vllm --spill ({arch}, {dtype})"
-            )
-            assert run.returncode == 0, run.stderr[-4000:]
-            runs[(arch, dtype)] = run
-        return runs[(arch, dtype)]
-
-    return get
+    over every row, one run (one engine) per (arch, dtype) per session; ``vllm_spills.start(*keys)``
+    runs them ahead, two at a time (``SpillRuns``)."""
+    runs = SpillRuns(workloads, tmp_path_factory)
+    yield runs
+    runs.close()
 
 
 @pytest.fixture(scope="session")
@@ -189,3 +256,17 @@ def hf_captures(workloads):
         return done[(arch, dtype)]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def drafts(tmp_path_factory):
+    """The serve tests' tiny sharp fp32 target and its Eagle-3 / P-EAGLE drafts self-distilled on
+    its greedy continuations (``serve_drafts.build_drafts``), built once: ``test_serve.py`` serves
+    both checkpoints, ``test_eval_vllm.py`` evaluates the P-EAGLE one."""
+    from tests.vllm.engine.serve_drafts import build_drafts, one_thread
+
+    start = time.perf_counter()
+    with one_thread():
+        built = build_drafts(tmp_path_factory.mktemp("serve-drafts"))
+    FIGURES.append(f"serve: target + 2 self-distilled drafts built in {time.perf_counter() - start:.1f} s")
+    return built

