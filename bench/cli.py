@@ -16,6 +16,7 @@ BENCHMARKS = {
     "trainer": "bench.trainer",
     "pipeline": "bench.pipeline",
     "fanout": "bench.fanout",
+    "jobs": "bench.jobs",
     "quality": "bench.quality",
 }
 

@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num-ranks", type=int, help="streaming: check that each trainer has this many ranks (default: as it says)"
     )
+    parser.add_argument(
+        "--share-window-bytes",
+        type=int,
+        help="streaming to several trainers (--connect A B): captures kept for the trainers that have not had them "
+        "yet, so a row they all train on runs the target once; 0 turns sharing off",
+    )
     parser.add_argument("--producer-id", help="streaming: a unique name (default: host and pid)")
     parser.add_argument("--handshake-timeout", type=float, help="streaming: seconds to wait for a trainer")
     parser.add_argument("--curve-secret-key", help="streaming: this producer's CURVE secret key file")

@@ -32,6 +32,7 @@ class ProduceConfig:
     device: str = "auto"
     target_layer_ids: list[int] | None = None
     max_batch_tokens: int = 8192
+    share_window_bytes: int = 2 << 30  # --share-window-bytes: captures kept for other trainer jobs
     validate: bool = False
     world_size: int = 1
     rank: int = 0

@@ -15,7 +15,15 @@ new ``Welcome`` lists where its ranks are now, and ranks that moved are dialled 
 One thread: it polls the control sockets, keeps a FIFO of granted work, runs the target on a
 batch of granted rows (across grants and ranks, up to the backend's token budget), pushes each
 sample to the data endpoint of the rank that granted it, and reports ``LeaseDone``. Memory on
-the trainer is bounded by its grants; here by the backend's batch and the sockets' HWM.
+the trainer is bounded by its grants; here by the backend's batch, the samples granted but not
+yet taken by their rank, and the share window.
+
+Several trainers (jobs) at once: a row granted by several jobs is captured once per batch, and
+the capture is kept in a byte-bounded ``producer.window.CaptureWindow`` for the other jobs (those
+that have not ended the stream, or not yet answered), which are answered from there (one capture, several trainings). Pushes never
+block: a sample its rank cannot take yet waits in that rank's backlog while the producer serves
+everyone else, so a job that is slow, restarting or gone never stalls another; a rank that takes
+nothing for ``send_timeout_seconds`` is dropped (its leases die with it) and greeted again.
 
 With a ``PushingBackend`` (vLLM) this process holds no tensors: it submits the granted rows with
 their rank's data endpoint, and the engine's connector pushes the samples there. Submission does not
@@ -41,6 +49,7 @@ from collections.abc import Callable
 import zmq
 
 from producer.backend import CaptureBackend, CaptureRow, PushingBackend, PushJob
+from producer.window import CaptureWindow
 from protocol.codec import DEFAULT_CHUNK_BYTES, DTYPES
 from protocol.messages import (
     EndOfStream,
@@ -50,6 +59,7 @@ from protocol.messages import (
     LeaseDone,
     LeaseFailed,
     ProtocolError,
+    Sample,
     Welcome,
 )
 from protocol.sockets import SocketConfig, check_dialable, make_socket, rank_endpoints, recv_message, send_message
@@ -57,7 +67,6 @@ from protocol.target import TargetSpec, sample_nbytes
 
 logger = logging.getLogger(__name__)
 
-SEND_POLL_SECONDS = 0.5  # a blocked data send checks for a stop request this often
 HELLOS_BEFORE_RECONNECT = 3  # unanswered hellos (2 s apart) before the control socket is recreated
 MAX_TRAINER_RANKS = 4096  # a Welcome listing more ranks than this is refused
 
@@ -76,6 +85,7 @@ class StreamClientConfig:
     handshake_timeout_seconds: float = 600.0  # --handshake-timeout: no rank welcomed us by then -> exit
     send_timeout_seconds: float = 120.0  # a data push blocked this long -> the rank is gone
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    share_window_bytes: int = 2 << 30  # --share-window-bytes: captures kept for other jobs (0: none)
     socket: SocketConfig = dataclasses.field(default_factory=lambda: SocketConfig(sndhwm=8, rcvhwm=64))
 
     def __post_init__(self) -> None:
@@ -83,6 +93,8 @@ class StreamClientConfig:
             raise ValueError("--connect needs at least one trainer endpoint")
         if self.num_ranks is not None and self.num_ranks < 1:
             raise ValueError(f"--num-ranks must be >= 1, got {self.num_ranks}")
+        if self.share_window_bytes < 0:
+            raise ValueError(f"--share-window-bytes must be >= 0, got {self.share_window_bytes}")
         if self.max_batches_in_flight < 1:
             raise ValueError(f"max_batches_in_flight must be >= 1, got {self.max_batches_in_flight}")
         for base in self.connect:
@@ -111,6 +123,8 @@ class _Rank:
     last_heard: float = 0.0
     last_hello: float = 0.0
     hellos_unanswered: int = 0
+    backlog: collections.deque = dataclasses.field(default_factory=collections.deque)  # (work, sample) to push
+    stuck_since: float | None = None  # when the head of the backlog last failed to go out
 
     @property
     def name(self) -> str:
@@ -132,11 +146,13 @@ class _Work:
 
 @dataclasses.dataclass
 class StreamReport:
-    samples: int = 0
+    samples: int = 0  # pushed to a rank (each job's copy counts)
     bytes: int = 0
     leases: int = 0
     dropped_leases: int = 0
     failed_samples: int = 0
+    forwards: int = 0  # rows the target ran for (holding backends)
+    shared_in_batch: int = 0  # pushes served by a capture made in the same batch for another grant
     exit_code: int = 0
 
 
@@ -170,11 +186,13 @@ class StreamProducer:
         # ticket -> (work, row) submitted to a pushing backend, until its result is back
         self._in_flight: dict[int, tuple[_Work, CaptureRow]] = {}
         self._in_flight_tokens = 0
+        self.window = CaptureWindow(0 if self._pushing else config.share_window_bytes)
+        self._ranks: list[_Rank] = []
 
     def run(self) -> StreamReport:
         ctx = zmq.Context()
         poller = zmq.Poller()
-        ranks: list[_Rank] = []
+        ranks = self._ranks
         try:
             for base in self.config.connect:
                 door, _ = rank_endpoints(base, 0)
@@ -287,7 +305,8 @@ class StreamProducer:
                             Heartbeat(sender=self.config.producer_id, time_s=time.time()),
                             flags=zmq.NOBLOCK,
                         )
-            events = dict(poller.poll(0 if self._ready() else 10 if self._in_flight else 100))
+            busy = self._in_flight or any(r.backlog for r in ranks)
+            events = dict(poller.poll(0 if self._ready() else 10 if busy else 100))
             for rank in list(ranks):  # a Welcome may add or drop ranks
                 while rank in ranks and rank.control in events:
                     try:
@@ -304,6 +323,10 @@ class StreamProducer:
             if self._pushing:
                 self._on_results()
                 self._on_reports()
+            for rank in ranks:
+                if rank.backlog:
+                    self._flush(rank)
+            self._finish_leases()
             if self._ready():
                 self._capture_some()
 
@@ -318,8 +341,15 @@ class StreamProducer:
             self.backend, "min_in_flight_rows", 0
         )
 
+    def _expected_jobs(self) -> set[_Trainer]:
+        """Trainers still to be served: every ``--connect`` address whose ranks have not all ended
+        the stream or refused us (one that has not answered yet is expected too)."""
+        return {r.trainer for r in self._ranks if not (r.done or r.refused)}
+
     def _forget(self, rank: _Rank) -> None:
         """The rank restarted or vanished: its leases are void; greet it again."""
+        rank.backlog.clear()
+        rank.stuck_since = None
         dropped = [w for w in self._work if w.rank is rank]
         self._work = collections.deque(w for w in self._work if w.rank is not rank)
         self.report.dropped_leases += len(dropped)
@@ -358,7 +388,6 @@ class StreamProducer:
         rank.data_endpoint = message.data_endpoint
         if rank.data is None and not self._pushing:
             rank.data = make_socket(ctx, zmq.PUSH, self.config.socket, connect=message.data_endpoint)
-            rank.data.setsockopt(zmq.SNDTIMEO, int(SEND_POLL_SECONDS * 1000))
         rank.welcomed = True
         logger.info("rank %s welcomed us; data -> %s", rank.name, message.data_endpoint)
         self._adopt_ranks(ctx, poller, ranks, rank, endpoints or [rank.control_endpoint])
@@ -375,7 +404,10 @@ class StreamProducer:
         elif isinstance(message, EndOfStream):
             logger.info("rank %s ended the stream: %s", rank.name, message.reason)
             rank.done = True
+            rank.backlog.clear()
             self._work = collections.deque(w for w in self._work if w.rank is not rank)
+            if rank.trainer not in self._expected_jobs():
+                self.window.forget_job(rank.trainer)
         elif isinstance(message, Error):
             if message.code == "unknown_producer":
                 self._forget(rank)  # the trainer restarted
@@ -400,62 +432,98 @@ class StreamProducer:
             if self._pushing:
                 self._submit(rows)
             else:
-                # Matched by position, not by id: with the next epoch granted ahead, one batch can
-                # hold the same row twice, under two leases.
-                captured = self.backend.capture([row for _, row in rows])
-                for (work, row), sample in zip(rows, captured, strict=True):
-                    if sample.sample_id != row.sample_id:
-                        raise RuntimeError(f"backend returned row {sample.sample_id} where row {row.sample_id} was due")
-                    sample.epoch, sample.lease_id, sample.token = (
-                        work.grant.epoch,
-                        work.grant.lease_id,
-                        work.grant.token,
-                    )
-                    self._push(work, sample)
+                self._capture_and_push(rows)
         except Exception as e:
             for work in {id(w): w for w, _ in rows}.values():
                 self._fail(work, f"{type(e).__name__}: {e}")
             raise
         self._finish_leases()
 
+    def _capture_and_push(self, rows: list[tuple[_Work, CaptureRow]]) -> None:
+        """Answer each granted row from the share window, or capture it: once per batch, however
+        many grants (jobs, or this job's next epoch) hold it. Fresh captures are kept for the other
+        jobs still expected."""
+        due: list[tuple[_Work, CaptureRow]] = []
+        for work, row in rows:
+            shared = self.window.take(int(row.sample_id), work.rank.trainer)
+            if shared is not None:
+                self._push(work, self._for_grant(shared, work.grant))
+            else:
+                due.append((work, row))
+        # A row due under several grants (other jobs, or this job's next epoch) runs once.
+        unique: dict[int, CaptureRow] = {}
+        grants: dict[int, list[_Work]] = collections.defaultdict(list)
+        for work, row in due:
+            unique.setdefault(int(row.sample_id), row)
+            grants[int(row.sample_id)].append(work)
+        if not unique:
+            return
+        expected = self._expected_jobs()
+        # Samples are pushed as the backend yields them (it may still be copying the next ones).
+        for row, sample in zip(unique.values(), self.backend.capture(list(unique.values())), strict=True):
+            if sample.sample_id != row.sample_id:
+                raise RuntimeError(f"backend returned row {sample.sample_id} where row {row.sample_id} was due")
+            self.report.forwards += 1
+            works = grants[int(row.sample_id)]
+            self.report.shared_in_batch += len(works) - 1
+            for work in works:
+                self._push(work, self._for_grant(sample, work.grant))
+            if len(expected) > 1:
+                self.window.keep(sample, expected - {work.rank.trainer for work in works})
+
+    @staticmethod
+    def _for_grant(sample: Sample, grant: Grant) -> Sample:
+        """``sample`` answering ``grant``: its epoch, lease and token (the tensors are shared)."""
+        return dataclasses.replace(sample, epoch=grant.epoch, lease_id=grant.lease_id, token=grant.token)
+
     def _finish_leases(self) -> None:
-        """``LeaseDone`` for the leading grants whose every row is captured (or failed)."""
-        while (
-            self._work
-            and not self._work[0].remaining
-            and self._work[0].sent + self._work[0].failed == len(self._work[0].grant.sample_ids)
-        ):
-            work = self._work.popleft()
+        """``LeaseDone`` for the grants whose every row is pushed (or failed)."""
+        finished = [w for w in self._work if not w.remaining and w.sent + w.failed == len(w.grant.sample_ids)]
+        if not finished:
+            return
+        done = {id(w) for w in finished}
+        self._work = collections.deque(w for w in self._work if id(w) not in done)
+        for work in finished:
             if work.rank.welcomed and _writable(work.rank.control):
                 send_message(
                     work.rank.control, LeaseDone(lease_id=work.grant.lease_id, num_samples=work.sent), flags=zmq.NOBLOCK
                 )
             self.report.leases += 1
 
-    def _push(self, work: _Work, sample) -> None:
+    def _push(self, work: _Work, sample: Sample) -> None:
+        """Queue ``sample`` for its rank and send what the rank can take now."""
         rank = work.rank
         if not rank.welcomed or rank.data is None:
             return
-        # Blocking sends in short slices: a full pipe is back-pressure from a busy rank (wait), but
-        # a stop request or --send-timeout of silence ends the wait.
-        waited = 0.0
-        while True:
+        rank.backlog.append((work, sample))
+        self._flush(rank)
+
+    def _flush(self, rank: _Rank) -> None:
+        """Send the rank's backlog in order, without blocking: a full pipe is back-pressure from a
+        busy rank (the rest waits for the next pass); one that takes nothing for
+        ``send_timeout_seconds`` is gone."""
+        while rank.backlog:
+            if rank.data is None:  # the rank went away meanwhile: its leases died with it
+                rank.backlog.clear()
+                return
+            work, sample = rank.backlog[0]
             try:
-                send_message(rank.data, sample, chunk_bytes=self.config.chunk_bytes)
-                break
+                send_message(rank.data, sample, chunk_bytes=self.config.chunk_bytes, flags=zmq.NOBLOCK)
             except zmq.Again:
-                waited += SEND_POLL_SECONDS
-                if self.stop.is_set():
-                    return
-                if waited >= self.config.send_timeout_seconds:
+                now = time.monotonic()
+                if rank.stuck_since is None:
+                    rank.stuck_since = now
+                elif now - rank.stuck_since >= self.config.send_timeout_seconds:
                     logger.warning(
                         "rank %s took no data for %.0fs; dropping its work", rank.name, self.config.send_timeout_seconds
                     )
                     self._forget(rank)
-                    return
-        work.sent += 1
-        self.report.samples += 1
-        self.report.bytes += sample.nbytes
+                return
+            rank.backlog.popleft()
+            rank.stuck_since = None
+            work.sent += 1
+            self.report.samples += 1
+            self.report.bytes += sample.nbytes
 
     def _fail(self, work: _Work, reason: str) -> None:
         self._fail_ids(work.rank, work.grant.lease_id, list(work.grant.sample_ids), reason)

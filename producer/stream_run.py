@@ -49,6 +49,7 @@ def stream(config: ProduceConfig, *, stop: threading.Event | None = None) -> int
             connect=list(config.connect or []),
             num_ranks=config.num_ranks,
             max_batch_tokens=config.max_batch_tokens,
+            share_window_bytes=config.share_window_bytes,
             handshake_timeout_seconds=config.handshake_timeout,
             socket=SocketConfig(
                 sndhwm=8,
@@ -76,4 +77,18 @@ def stream(config: ProduceConfig, *, stop: threading.Event | None = None) -> int
         report.leases,
         report.failed_samples,
     )
+    window = client.window.stats
+    if report.forwards:
+        log.info(
+            "target forwards: %d for %d samples sent (%.3f per sample); shared in a batch %d, from the window %d "
+            "(peak %.1f MB of %.1f MB, %d evicted)",
+            report.forwards,
+            report.samples,
+            report.forwards / max(report.samples, 1),
+            report.shared_in_batch,
+            window.hits,
+            window.peak_bytes / 1e6,
+            client.window.budget_bytes / 1e6,
+            window.evicted,
+        )
     return report.exit_code

@@ -8,8 +8,17 @@ watched and stopped together by one command.
       |-- producer-0: `draftstream produce --connect E --num-ranks R ...`   log: <save>/logs/producer-0.log
       |-- producer-1: ...
 
-The trainer owns the run: when it exits, producers are told to stop (they normally already got
-``EndOfStream``) and the run exits with the trainer's code. A child that dies ends the run with a
+One capture, several trainings: with ``--job NAME=FLAGS`` (repeated) the run starts one trainer per
+job, each with the flags after ``--`` plus its own, its own save path ``<save>/NAME`` and stream
+endpoint, and every producer serves all of them (``produce --connect E1 E2 ...``): a row the jobs
+share runs the target once (``producer.window``). For example an Eagle-3 and a P-EAGLE draft::
+
+    draftstream run --model M --data D --save-path runs/x --job eagle3="--speculator-type eagle3" \
+        --job peagle="--speculator-type peagle" -- --epochs 3 --lr 1e-4
+
+The trainers own the run: when the last one exits, producers are told to stop (they normally already
+got ``EndOfStream``) and the run exits with the first failed trainer's code (0 if none failed). A
+job whose trainer fails does not stop the others. A child that dies ends the run with a
 message naming it and a non-zero exit, except producers under ``--tolerate-producer-failures``
 (their leases go to the others; the run fails only when none is left). SIGINT/SIGTERM are passed
 to every child as SIGTERM: the trainer writes a checkpoint at its next step boundary (or at once
@@ -57,9 +66,68 @@ def _cli() -> list[str]:
     return [sys.executable, "-m", "protocol.cli"]
 
 
-def build_commands(args: argparse.Namespace, train_args: list[str]) -> tuple[list[str], list[list[str]]]:
-    endpoint = args.stream_endpoint
-    trainer = [
+@dataclasses.dataclass
+class Job:
+    name: str
+    save_path: str
+    endpoint: str
+    flags: list[str]
+
+
+def jobs_of(args: argparse.Namespace) -> list[Job]:
+    """The trainer jobs: one (``--save-path``, ``--stream-endpoint``) without ``--job``; else one per
+    ``--job NAME=FLAGS``, under ``<save>/NAME`` with an endpoint of its own."""
+    if not args.job:
+        return [Job(name="trainer", save_path=args.save_path, endpoint=args.stream_endpoint, flags=[])]
+    jobs = []
+    for j, spec in enumerate(args.job):
+        name, sep, flags = spec.partition("=")
+        if not sep or not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"--job takes NAME=FLAGS with NAME of letters, digits, - and _; got {spec!r}")
+        scheme, _, rest = args.stream_endpoint.partition("://")
+        if scheme == "tcp":
+            host, _, port = rest.rpartition(":")
+            endpoint = f"tcp://{host}:{int(port) + 2 * args.nproc_per_node * j}"
+        else:
+            endpoint = f"{args.stream_endpoint}/{name}"
+        jobs.append(
+            Job(name=name, save_path=str(Path(args.save_path) / name), endpoint=endpoint, flags=shlex.split(flags))
+        )
+    if len({job.name for job in jobs}) != len(jobs):
+        raise ValueError("--job names must differ")
+    return jobs
+
+
+def build_commands(
+    args: argparse.Namespace, train_args: list[str]
+) -> tuple[list[tuple[str, list[str]]], list[list[str]]]:
+    """``(name, command)`` of every trainer job, and every producer's command."""
+    jobs = jobs_of(args)
+    trainers = [(job.name, _trainer_command(args, job, train_args)) for job in jobs]
+    producers = []
+    for i in range(args.num_producers):
+        producers.append(
+            [
+                *_cli(),
+                "produce",
+                "--model",
+                args.model,
+                "--data",
+                args.data,
+                "--connect",
+                *[job.endpoint for job in jobs],
+                "--num-ranks",
+                str(args.nproc_per_node),
+                "--producer-id",
+                f"producer-{i}",
+                *shlex.split(args.producer_args),
+            ]
+        )
+    return trainers, producers
+
+
+def _trainer_command(args: argparse.Namespace, job: Job, train_args: list[str]) -> list[str]:
+    return [
         *(
             [
                 sys.executable,
@@ -79,31 +147,12 @@ def build_commands(args: argparse.Namespace, train_args: list[str]) -> tuple[lis
         "--data-path",
         args.data,
         "--save-path",
-        args.save_path,
+        job.save_path,
         "--stream-endpoint",
-        endpoint,
+        job.endpoint,
         *train_args,
+        *job.flags,
     ]
-    producers = []
-    for i in range(args.num_producers):
-        producers.append(
-            [
-                *_cli(),
-                "produce",
-                "--model",
-                args.model,
-                "--data",
-                args.data,
-                "--connect",
-                endpoint,
-                "--num-ranks",
-                str(args.nproc_per_node),
-                "--producer-id",
-                f"producer-{i}",
-                *shlex.split(args.producer_args),
-            ]
-        )
-    return trainer, producers
 
 
 def _terminate(children: list[Child], grace: float) -> None:
@@ -124,33 +173,46 @@ def _terminate(children: list[Child], grace: float) -> None:
 def run(args: argparse.Namespace, train_args: list[str]) -> int:
     save = Path(args.save_path)
     logs = save / "logs"
-    trainer_cmd, producer_cmds = build_commands(args, train_args)
+    try:
+        trainer_cmds, producer_cmds = build_commands(args, train_args)
+    except ValueError as e:
+        print(f"draftstream run: error: {e}", file=sys.stderr)
+        return 2
     if args.dry_run:
-        print(shlex.join(trainer_cmd))
+        for _, cmd in trainer_cmds:
+            print(shlex.join(cmd))
         for cmd in producer_cmds:
             print(shlex.join(cmd))
         return 0
     from trainer.train import check_stream_flags  # torch and the dataset: not for --help or --dry-run
 
     try:
-        check_stream_flags(trainer_cmd[trainer_cmd.index("train") + 1 :], world_size=args.nproc_per_node)
+        for name, cmd in trainer_cmds:
+            try:
+                check_stream_flags(cmd[cmd.index("train") + 1 :], world_size=args.nproc_per_node)
+            except ValueError as e:
+                raise ValueError(f"job {name}: {e}" if args.job else str(e)) from None
     except (ValueError, OSError) as e:
         print(f"draftstream run: error: {e}", file=sys.stderr)
         return 2
     logs.mkdir(parents=True, exist_ok=True)
-    with StopSignals("asking the trainer to checkpoint and stop, and the producers to stop") as stop:
-        return _supervise(args, logs, trainer_cmd, producer_cmds, stop)
+    with StopSignals("asking the trainers to checkpoint and stop, and the producers to stop") as stop:
+        return _supervise(args, logs, trainer_cmds, producer_cmds, stop)
 
 
 def _supervise(
-    args: argparse.Namespace, logs: Path, trainer_cmd: list[str], producer_cmds: list[list[str]], stop: StopSignals
+    args: argparse.Namespace,
+    logs: Path,
+    trainer_cmds: list[tuple[str, list[str]]],
+    producer_cmds: list[list[str]],
+    stop: StopSignals,
 ) -> int:
-    """Start the children and watch them until the trainer exits (or one fails); every stop signal
-    is forwarded to every child as SIGTERM."""
+    """Start the children and watch them until every trainer exits (or a producer fails); every
+    stop signal is forwarded to every child as SIGTERM."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     trainer_env = {**env, "CUDA_VISIBLE_DEVICES": args.trainer_gpus} if args.trainer_gpus else env
-    trainer = Child("trainer", subprocess.Popen(trainer_cmd, env=trainer_env))
+    trainers = [Child(name, subprocess.Popen(cmd, env=trainer_env)) for name, cmd in trainer_cmds]
     producer_gpus = args.producer_gpus.split(",") if args.producer_gpus else []
     producers: list[Child] = []
     for i, cmd in enumerate(producer_cmds):
@@ -165,7 +227,8 @@ def _supervise(
                 )
             )
     logger.info(
-        "started trainer (%d rank%s) and %d producers; producer logs in %s",
+        "started %s (%d rank%s each) and %d producers; producer logs in %s",
+        f"{len(trainers)} trainer jobs" if args.job else "the trainer",
         args.nproc_per_node,
         "s" * (args.nproc_per_node > 1),
         len(producers),
@@ -174,23 +237,30 @@ def _supervise(
     exit_code = 0
     stopping: int | None = None  # the first stop signal received
     reported: set[str] = set()  # producers whose death was already logged
+    ended: set[str] = set()  # trainers whose exit was handled
     try:
         while True:
             signum = stop.consume()
             if signum is not None:
                 stopping = stopping or signum
                 logger.warning(
-                    "signal %d: asking the trainer to checkpoint and stop, and the producers to stop", signum
+                    "signal %d: asking the trainers to checkpoint and stop, and the producers to stop", signum
                 )
-                for child in [trainer, *producers]:
+                for child in [*trainers, *producers]:
                     if child.process.poll() is None:
                         child.process.send_signal(signal.SIGTERM)
-            if trainer.process.poll() is not None:
-                exit_code = trainer.process.returncode
+            for trainer in trainers:
+                if trainer.name in ended or trainer.process.poll() is None:
+                    continue
+                ended.add(trainer.name)
+                code = trainer.process.returncode
                 if stopping is not None:
-                    exit_code = _stopped(trainer, stopping)
-                elif exit_code != 0:
-                    logger.error("%s", trainer.describe_exit())
+                    code = _stopped(trainer, stopping)
+                elif code != 0:
+                    others = len(trainers) - len(ended)
+                    logger.error("%s%s", trainer.describe_exit(), f"; {others} other jobs go on" if others else "")
+                exit_code = exit_code or code
+            if len(ended) == len(trainers):
                 break
             alive = []
             for child in producers:
@@ -201,7 +271,7 @@ def _supervise(
                     logger.error(
                         "%s; stopping the run (--tolerate-producer-failures to carry on)", child.describe_exit()
                     )
-                    _terminate([trainer], args.grace_seconds)
+                    _terminate(trainers, args.grace_seconds)
                     exit_code = code if code > 0 else 1
                     return exit_code
                 elif code != 0 and stopping is None and child.name not in reported:
@@ -212,16 +282,16 @@ def _supervise(
                 stopping is None
                 and producers
                 and not alive
-                and trainer.process.poll() is None
+                and any(t.process.poll() is None for t in trainers)
                 and all(c.process.returncode != 0 for c in producers)
             ):
-                logger.error("every producer has died; stopping the trainer")
-                _terminate([trainer], args.grace_seconds)
+                logger.error("every producer has died; stopping the trainers")
+                _terminate(trainers, args.grace_seconds)
                 return 1
             time.sleep(0.2)
     finally:
         _terminate(
-            [c for c in producers if c.process.poll() is None] + ([trainer] if trainer.process.poll() is None else []),
+            [c for c in [*producers, *trainers] if c.process.poll() is None],
             args.grace_seconds,
         )
     return exit_code
@@ -275,6 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="passed to `draftstream train`: fit the lr schedule to this many seconds of training and stop "
         "there with a checkpoint (see `draftstream train --help`)",
+    )
+    parser.add_argument(
+        "--job",
+        action="append",
+        metavar="NAME=FLAGS",
+        help="one capture, several trainings: a trainer job with these `train` flags added to those after `--`, "
+        "saved under <save-path>/NAME; repeat for more jobs. Every producer serves them all, and a row they share "
+        "runs the target once",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     return parser

@@ -148,6 +148,7 @@ def test_a_streaming_run_whose_budget_ends_mid_epoch_still_yields_a_checkpoint(t
         speculator_type="eagle3",
         draft_vocab_size=256,
         k=3,
+        lr=1e-3,
         seed=0,
         num_eval_prompts=1,
         eval_max_new_tokens=1,

@@ -114,6 +114,11 @@ def steps_recorded(save: Path) -> int:
     return len(read_accounting(save)) if (save / "accounting").is_dir() else 0
 
 
+def losses_of(save: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in (save / "train_log.jsonl").read_text().splitlines()]
+    return [(r["kind"], r["global_step"], r.get("loss", r.get("val_loss"))) for r in rows]
+
+
 def pids_with(*fragments: str) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
@@ -250,9 +255,14 @@ def test_trainer_killed_mid_epoch_resumes_and_producers_reconnect(workload, tmp_
     assert_record_matches_plan(save, expected_record(workload["data"], epochs=3, world=1))
 
 
-def test_streaming_trains_the_same_losses_as_offline_files(workload, tmp_path):
-    common = ["--epochs", "2", *TRAIN_ARGS]
-    stream_save, tee = tmp_path / "stream", tmp_path / "tee"
+STREAMED_FLAGS = ["--epochs", "2", *TRAIN_ARGS]  # `streamed`: an Eagle-3 run other tests compare with
+
+
+@pytest.fixture(scope="module")
+def streamed(workload, tmp_path_factory):
+    """One `draftstream run` (Eagle-3, 1 producer, STREAMED_FLAGS) that tee'd what it received."""
+    root = tmp_path_factory.mktemp("streamed")
+    stream_save, tee = root / "stream", root / "tee"
     done = subprocess.run(
         [
             *CLI,
@@ -266,7 +276,7 @@ def test_streaming_trains_the_same_losses_as_offline_files(workload, tmp_path):
             "--num-producers",
             "1",
             "--",
-            *common,
+            *STREAMED_FLAGS,
             "--spill-dir",
             str(tee),
         ],
@@ -276,6 +286,12 @@ def test_streaming_trains_the_same_losses_as_offline_files(workload, tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return stream_save, tee
+
+
+def test_streaming_trains_the_same_losses_as_offline_files(workload, streamed, tmp_path):
+    common = STREAMED_FLAGS
+    stream_save, tee = streamed
     hs = tmp_path / "hs"
     subprocess.run(
         [*CLI, "produce", "--model", workload["model"], "--data", workload["data"], "--spill", str(hs)],
@@ -305,11 +321,7 @@ def test_streaming_trains_the_same_losses_as_offline_files(workload, tmp_path):
         timeout=300,
     )
 
-    def losses(save):
-        rows = [json.loads(line) for line in (save / "train_log.jsonl").read_text().splitlines()]
-        return [(r["kind"], r["global_step"], r.get("loss", r.get("val_loss"))) for r in rows]
-
-    streamed, offline = losses(stream_save), losses(offline_save)
+    streamed, offline = losses_of(stream_save), losses_of(offline_save)
     # The trainer's tee left the files the offline producer wrote: same tokens, and the same hidden
     # states up to float rounding (rows were batched with other neighbours, so GEMM blocking differs).
     from protocol.hsfile import hs_path, list_hs_indices, read_hs_file
@@ -625,10 +637,136 @@ def test_ranks_on_two_nodes_are_found_through_one_address_and_train_as_one_node(
     assert done.returncode == 0, done.stderr[-3000:]
     assert_record_matches_plan(one_node, expected)
 
-    def losses(path):
-        rows = [json.loads(line) for line in (path / "train_log.jsonl").read_text().splitlines()]
-        return [(r["kind"], r["global_step"], r.get("loss", r.get("val_loss"))) for r in rows]
-
-    two, one = losses(save), losses(one_node)
+    two, one = losses_of(save), losses_of(one_node)
     assert [r[:2] for r in two] == [r[:2] for r in one] and len(two) > 2
     assert [r[2] for r in two] == pytest.approx([r[2] for r in one], rel=1e-5)
+
+
+def fanout_figures(log: str) -> dict:
+    """The producer's closing line on its target forwards and its share window."""
+    import re
+
+    match = re.search(
+        r"target forwards: (\d+) for (\d+) samples sent .*from the window (\d+) \(peak ([\d.]+) MB of ([\d.]+) MB",
+        log,
+    )
+    assert match, log[-3000:]
+    forwards, samples, hits = (int(match.group(i)) for i in (1, 2, 3))
+    return {"forwards": forwards, "samples": samples, "hits": hits, "peak_mb": float(match.group(4))}
+
+
+def test_one_producer_feeds_an_eagle3_and_a_peagle_job_as_if_each_ran_alone(workload, streamed, tmp_path):
+    """`run --job`: one producer, two trainings from one capture. Each job's record equals its plan
+    and its losses equal the same job run alone (Eagle-3 alone: the `streamed` run); the target ran
+    about once per row for both."""
+    common, window_mb = STREAMED_FLAGS, 8
+    jobs = {"eagle3": [], "peagle": ["--speculator-type", "peagle"]}
+    save = tmp_path / "fanout"
+    done = subprocess.run(
+        [
+            *CLI,
+            "run",
+            "--model",
+            workload["model"],
+            "--data",
+            workload["data"],
+            "--save-path",
+            str(save),
+            *[arg for name, flags in jobs.items() for arg in ("--job", f"{name}={' '.join(flags)}")],
+            "--producer-args",
+            f"--share-window-bytes {window_mb << 20}",
+            "--",
+            *common,
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = fanout_figures((save / "logs" / "producer-0.log").read_text())
+    assert figures["forwards"] <= 0.55 * figures["samples"], figures
+    assert figures["peak_mb"] <= window_mb, figures
+    expected = expected_record(workload["data"], epochs=2, world=1)
+    for name, flags in jobs.items():
+        assert_record_matches_plan(save / name, expected)
+        alone = streamed[0] if name == "eagle3" else tmp_path / f"alone-{name}"
+        if name != "eagle3":
+            solo = subprocess.run(
+                [*CLI, "run", "--model", workload["model"], "--data", workload["data"], "--save-path", str(alone)]
+                + ["--", *common, *flags],
+                env=env(),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert solo.returncode == 0, solo.stderr[-3000:]
+        shared, own = losses_of(save / name), losses_of(alone)
+        assert [r[:2] for r in shared] == [r[:2] for r in own] and len(own) > 2
+        assert [r[2] for r in shared] == pytest.approx([r[2] for r in own], rel=1e-5), name
+
+
+def test_fanout_keeps_both_records_exact_through_a_killed_producer_and_a_killed_and_restarted_job(workload, tmp_path):
+    """Two jobs, two producers serving both. A producer is SIGKILLed, then job a's trainer; job b
+    trains on meanwhile, a is started again and resumes, and both records are exact."""
+    endpoints = {name: f"ipc://{tmp_path}/{name}" for name in ("a", "b")}
+    epochs = {"a": 3, "b": 5}
+
+    def train(name: str) -> list[str]:
+        return [
+            *CLI,
+            "train",
+            "--verifier-name-or-path",
+            workload["model"],
+            "--data-path",
+            workload["data"],
+            "--save-path",
+            str(tmp_path / name),
+            "--stream-endpoint",
+            endpoints[name],
+            "--epochs",
+            str(epochs[name]),
+            "--save-every-steps",
+            "2",
+            "--lease-seconds",
+            "5",
+            *TRAIN_ARGS,
+        ]
+
+    producers = [
+        subprocess.Popen(
+            [*CLI, "produce", "--model", workload["model"], "--data", workload["data"]]
+            + ["--connect", *endpoints.values(), "--producer-id", f"p{i}", "--max-batch-tokens", "64"]
+            + ["--handshake-timeout", "120"],
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(2)
+    ]
+    quiet = {"env": env(), "stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
+    trainers = {name: subprocess.Popen(train(name), **quiet) for name in endpoints}
+    try:
+        wait_for(lambda: steps_recorded(tmp_path / "a") >= 2, 120, "job a to train")
+        producers[0].kill()
+        a_steps = steps_recorded(tmp_path / "a")
+        wait_for(
+            lambda: (tmp_path / "a" / "latest").is_dir() and steps_recorded(tmp_path / "a") >= a_steps + 3,
+            120,
+            "job a to train on with one producer",
+        )
+        trainers["a"].kill()
+        trainers["a"].wait(30)
+        b_steps = steps_recorded(tmp_path / "b")
+        wait_for(lambda: steps_recorded(tmp_path / "b") >= b_steps + 2, 120, "job b to train on without job a")
+        restarted = subprocess.run(train("a"), env=env(), capture_output=True, text=True, timeout=300)
+        assert restarted.returncode == 0, restarted.stderr[-3000:]
+        assert "resum" in restarted.stderr.lower()
+        _, err = trainers["b"].communicate(timeout=300)
+        assert trainers["b"].returncode == 0, err[-3000:]
+        assert producers[1].wait(60) == 0  # both jobs told it the run is over
+    finally:
+        for process in [*producers, *trainers.values()]:
+            process.kill()
+    for name in endpoints:
+        assert_record_matches_plan(tmp_path / name, expected_record(workload["data"], epochs=epochs[name], world=1))

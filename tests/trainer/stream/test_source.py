@@ -341,3 +341,49 @@ def test_a_trainer_with_other_than_num_ranks_ranks_is_not_served(tmp_path, backe
         source.close()
     assert not thread.is_alive() and producer.report.exit_code == 2 and producer.report.samples == 0
     assert "the trainer has 2 ranks but --num-ranks is 4" in caplog.text
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_one_producer_feeds_two_jobs_capturing_shared_rows_once(tmp_path, backend, rows, aligned):
+    """Two trainer jobs (one rank each) served by one producer. Aligned plans: every row is captured
+    about once for both. Different plans and a window of 3 samples: sharing shrinks, but each job
+    still gets exactly its planned samples, equal to a direct capture, and the window stays in budget."""
+    jobs = [make_source(tmp_path / name, backend, rows, samples_per_lease=2) for name in ("a", "b")]
+    orders = [list(range(NUM_ROWS)), list(range(NUM_ROWS)) if aligned else list(reversed(range(NUM_ROWS)))]
+    window = (
+        (1 << 30)
+        if aligned
+        else 3
+        * max(
+            sample_nbytes(r.input_ids.shape[0], 4, backend.describe().hidden_size, torch.float32) for r in rows.values()
+        )
+    )
+    producer, thread = start_producer(
+        tmp_path,
+        backend,
+        rows,
+        connect=[f"ipc://{tmp_path}/{name}/stream" for name in ("a", "b")],
+        share_window_bytes=window,
+    )
+    for source, order in zip(jobs, orders):
+        source.schedule(0, order)
+    got = [[], []]
+    for i in range(0, NUM_ROWS, 2):  # the jobs step in turn, as two trainers on one host would
+        for j, (source, order) in enumerate(zip(jobs, orders)):
+            got[j] += source.fetch(order[i : i + 2]).samples
+    for source in jobs:
+        source.close()
+    thread.join(20)
+    assert not thread.is_alive() and producer.report.exit_code == 0
+    expected = reference(backend, rows, list(range(NUM_ROWS)))
+    for samples, order in zip(got, orders):
+        assert [s.sample_id for s in samples] == order
+        for s in samples:
+            torch.testing.assert_close(s.hidden_states, expected[s.sample_id].hidden_states, rtol=1e-5, atol=1e-4)
+    report, stats = producer.report, producer.window.stats
+    assert report.samples == 2 * NUM_ROWS
+    assert stats.peak_bytes <= window
+    if aligned:
+        assert report.forwards <= 0.55 * report.samples, (report, stats)
+    else:
+        assert report.forwards < report.samples and stats.hits > 0, (report, stats)
