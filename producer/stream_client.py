@@ -7,10 +7,9 @@
                                                      grants -> work queue -> backend.capture()
 
 Each ``--connect`` address is one trainer, reached through one of its ranks (rank 0's, normally):
-that rank's ``Welcome`` lists the control endpoint of every rank of the trainer, wherever it runs
-(``torchrun --nnodes N``), and the producer greets the others there. ``--num-ranks``, when given, is
-checked against that list. A trainer that restarts is found again through the same address: its
-new ``Welcome`` lists where its ranks are now, and ranks that moved are dialled again.
+that rank's ``Welcome`` lists every rank of the trainer, wherever it runs, and the producer greets
+the others there (``producer.trainers``: which ranks exist and where). ``--num-ranks``, when given,
+is checked against that list. A trainer that restarts is found again through the same address.
 
 One thread: it polls the control sockets, keeps a FIFO of granted work, runs the target on a
 batch of granted rows (across grants and ranks, up to the backend's token budget), pushes each
@@ -49,6 +48,7 @@ from collections.abc import Callable
 import zmq
 
 from producer.backend import CaptureBackend, CaptureRow, PushingBackend, PushJob
+from producer.trainers import Rank, Ranks, welcome_problem
 from producer.window import CaptureWindow
 from protocol.codec import DEFAULT_CHUNK_BYTES, DTYPES
 from protocol.messages import (
@@ -62,13 +62,12 @@ from protocol.messages import (
     Sample,
     Welcome,
 )
-from protocol.sockets import SocketConfig, check_dialable, make_socket, rank_endpoints, recv_message, send_message
+from protocol.sockets import SocketConfig, rank_endpoints, recv_message, send_message
 from protocol.target import TargetSpec, sample_nbytes
 
 logger = logging.getLogger(__name__)
 
 HELLOS_BEFORE_RECONNECT = 3  # unanswered hellos (2 s apart) before the control socket is recreated
-MAX_TRAINER_RANKS = 4096  # a Welcome listing more ranks than this is refused
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -101,43 +100,9 @@ class StreamClientConfig:
             rank_endpoints(base, 0)
 
 
-@dataclasses.dataclass(eq=False)
-class _Trainer:
-    """One ``--connect`` address: a trainer whose ranks are found through the rank at ``door``."""
-
-    base: str
-    door: str  # the control endpoint dialled first (rank 0's, from --connect)
-
-
-@dataclasses.dataclass(eq=False)
-class _Rank:
-    trainer: _Trainer
-    index: int | None  # the trainer rank; None until the door rank says which it is
-    control_endpoint: str
-    control: zmq.Socket
-    data: zmq.Socket | None = None
-    data_endpoint: str = ""
-    welcomed: bool = False
-    refused: str = ""
-    done: bool = False
-    last_heard: float = 0.0
-    last_hello: float = 0.0
-    hellos_unanswered: int = 0
-    backlog: collections.deque = dataclasses.field(default_factory=collections.deque)  # (work, sample) to push
-    stuck_since: float | None = None  # when the head of the backlog last failed to go out
-
-    @property
-    def name(self) -> str:
-        return f"{self.trainer.base}#{'?' if self.index is None else self.index}"
-
-    @property
-    def is_door(self) -> bool:
-        return self.control_endpoint == self.trainer.door
-
-
 @dataclasses.dataclass
 class _Work:
-    rank: _Rank
+    rank: Rank
     grant: Grant
     remaining: collections.deque  # sample ids not yet captured
     sent: int = 0
@@ -182,93 +147,27 @@ class StreamProducer:
         self._pushing = isinstance(backend, PushingBackend)
         # ticket -> (rank, lease id, sample id) of samples the connector has not reported on yet;
         # bounded: a connector that cannot reach us never reports, and leases expire anyway.
-        self._tickets: collections.OrderedDict[int, tuple[_Rank, int, int]] = collections.OrderedDict()
+        self._tickets: collections.OrderedDict[int, tuple[Rank, int, int]] = collections.OrderedDict()
         # ticket -> (work, row) submitted to a pushing backend, until its result is back
         self._in_flight: dict[int, tuple[_Work, CaptureRow]] = {}
         self._in_flight_tokens = 0
         self.window = CaptureWindow(0 if self._pushing else config.share_window_bytes)
-        self._ranks: list[_Rank] = []
+        self._ranks: Ranks | None = None  # while run() runs
 
     def run(self) -> StreamReport:
         ctx = zmq.Context()
-        poller = zmq.Poller()
-        ranks = self._ranks
+        self._ranks = ranks = Ranks(ctx, self.config.socket)
         try:
             for base in self.config.connect:
-                door, _ = rank_endpoints(base, 0)
-                self._add_rank(ctx, poller, ranks, _Trainer(base=base, door=door), None, door)
-            self._serve(ctx, poller, ranks)
+                ranks.add_trainer(base, door=rank_endpoints(base, 0)[0])
+            self._serve()
         finally:
-            for rank in ranks:
-                self._close(rank, linger=2000)  # flush what was pushed
+            ranks.close(linger=2000)  # flush what was pushed
             ctx.term()
         return self.report
 
-    def _add_rank(
-        self,
-        ctx: zmq.Context,
-        poller: zmq.Poller,
-        ranks: list[_Rank],
-        trainer: _Trainer,
-        index: int | None,
-        endpoint: str,
-    ) -> None:
-        rank = _Rank(
-            trainer=trainer, index=index, control_endpoint=endpoint, control=self._control_socket(ctx, endpoint)
-        )
-        poller.register(rank.control, zmq.POLLIN)
-        ranks.append(rank)
-
-    def _close(self, rank: _Rank, *, linger: int) -> None:
-        if rank.welcomed and not rank.done:
-            try:
-                send_message(rank.control, EndOfStream(reason="producer stopping"), flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
-        for sock in (rank.control, rank.data):
-            if sock is not None:
-                sock.close(linger=linger)
-
-    def _adopt_ranks(
-        self, ctx: zmq.Context, poller: zmq.Poller, ranks: list[_Rank], welcomed: _Rank, endpoints: list[str]
-    ) -> None:
-        """Make this trainer's ranks those ``welcomed``'s Welcome lists: greet ranks we do not know,
-        dial again those that moved, drop those that are gone. The door rank and the rank that
-        answered stay as dialled (they may be listed under another name for the same place)."""
-        trainer = welcomed.trainer
-        mine = [r for r in ranks if r.trainer is trainer]
-        for rank in mine:
-            moved = rank.index is not None and (
-                rank.index >= len(endpoints) or endpoints[rank.index] != rank.control_endpoint
-            )
-            if rank is not welcomed and not rank.is_door and moved:
-                logger.info("rank %s is no longer at %s", rank.name, rank.control_endpoint)
-                self._forget(rank)
-                poller.unregister(rank.control)
-                self._close(rank, linger=0)
-                ranks.remove(rank)
-        known = {r.index for r in ranks if r.trainer is trainer}
-        for index, endpoint in enumerate(endpoints):
-            if index not in known:
-                logger.info("trainer %s: greeting rank %d at %s", trainer.base, index, endpoint)
-                self._add_rank(ctx, poller, ranks, trainer, index, endpoint)
-
-    def _control_socket(self, ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-        # No fixed identity: the rank's ROUTER names each connection itself, so no other peer can
-        # claim (or squat) this producer's route. The producer id travels in the Hello.
-        return make_socket(ctx, zmq.DEALER, self.config.socket, connect=endpoint)
-
-    def _reconnect(self, ctx: zmq.Context, poller: zmq.Poller, rank: _Rank) -> None:
-        """Our hellos go unanswered: the route may be dead (a half-open pipe, a rank that lost
-        it). A new socket is a new connection with a new route."""
-        logger.warning("rank %s answers no hello; reconnecting", rank.name)
-        poller.unregister(rank.control)
-        rank.control.close(linger=0)
-        rank.control = self._control_socket(ctx, rank.control_endpoint)
-        poller.register(rank.control, zmq.POLLIN)
-        rank.hellos_unanswered = 0
-
-    def _serve(self, ctx: zmq.Context, poller: zmq.Poller, ranks: list[_Rank]) -> None:
+    def _serve(self) -> None:
+        ranks, poller = self._ranks.all, self._ranks.poller
         started = time.monotonic()
         last_beat = 0.0
         while not self.stop.is_set():
@@ -280,7 +179,7 @@ class StreamProducer:
                     self._forget(rank)
                 if not rank.welcomed and not rank.refused and not rank.done and now - rank.last_hello > 2.0:
                     if rank.hellos_unanswered >= HELLOS_BEFORE_RECONNECT:
-                        self._reconnect(ctx, poller, rank)
+                        self._ranks.reconnect(rank)
                     if _writable(rank.control):
                         send_message(rank.control, self.hello, flags=zmq.NOBLOCK)
                     rank.last_hello = now
@@ -317,7 +216,7 @@ class StreamProducer:
                         logger.warning("malformed message from rank %s: %s", rank.name, e)
                         continue
                     if isinstance(message, Welcome) and message.accepted:
-                        self._on_welcome(ctx, poller, ranks, rank, message)
+                        self._on_welcome(rank, message)
                     else:
                         self._on_control(rank, message)
             if self._pushing:
@@ -341,12 +240,7 @@ class StreamProducer:
             self.backend, "min_in_flight_rows", 0
         )
 
-    def _expected_jobs(self) -> set[_Trainer]:
-        """Trainers still to be served: every ``--connect`` address whose ranks have not all ended
-        the stream or refused us (one that has not answered yet is expected too)."""
-        return {r.trainer for r in self._ranks if not (r.done or r.refused)}
-
-    def _forget(self, rank: _Rank) -> None:
+    def _forget(self, rank: Rank) -> None:
         """The rank restarted or vanished: its leases are void; greet it again."""
         rank.backlog.clear()
         rank.stuck_since = None
@@ -356,43 +250,22 @@ class StreamProducer:
         rank.welcomed = False
         rank.last_hello = 0.0
 
-    def _on_welcome(
-        self, ctx: zmq.Context, poller: zmq.Poller, ranks: list[_Rank], rank: _Rank, message: Welcome
-    ) -> None:
+    def _on_welcome(self, rank: Rank, message: Welcome) -> None:
         """Accepted: connect the data socket, and learn where the trainer's other ranks are."""
         rank.last_heard = time.monotonic()
         rank.hellos_unanswered = 0
-        endpoints = list(message.trainer_endpoints)
-        problem = ""
-        try:
-            check_dialable(message.data_endpoint)
-            for endpoint in endpoints:
-                check_dialable(endpoint)
-        except ValueError as e:
-            problem = f"its Welcome names {e}"
-        if not problem and len(endpoints) > MAX_TRAINER_RANKS:
-            problem = f"its Welcome lists {len(endpoints)} ranks, more than {MAX_TRAINER_RANKS}"
-        expected = self.config.num_ranks
-        if not problem and expected is not None and len(endpoints) != expected:
-            problem = f"the trainer has {len(endpoints)} ranks but --num-ranks is {expected}"
+        problem = welcome_problem(message, self.config.num_ranks)
         if problem:
-            for other in ranks:
-                if other.trainer is rank.trainer:
-                    other.refused = problem
+            self._ranks.refuse(rank.trainer, problem)
             logger.error("trainer %s: %s; not serving it", rank.trainer.base, problem)
             return
         rank.index = message.trainer_rank
-        if rank.data is not None and rank.data_endpoint != message.data_endpoint:  # restarted elsewhere
-            rank.data.close(linger=0)
-            rank.data = None
-        rank.data_endpoint = message.data_endpoint
-        if rank.data is None and not self._pushing:
-            rank.data = make_socket(ctx, zmq.PUSH, self.config.socket, connect=message.data_endpoint)
+        self._ranks.connect_data(rank, message.data_endpoint, holding=not self._pushing)
         rank.welcomed = True
         logger.info("rank %s welcomed us; data -> %s", rank.name, message.data_endpoint)
-        self._adopt_ranks(ctx, poller, ranks, rank, endpoints or [rank.control_endpoint])
+        self._ranks.adopt(rank, list(message.trainer_endpoints) or [rank.control_endpoint], gone=self._forget)
 
-    def _on_control(self, rank: _Rank, message) -> None:
+    def _on_control(self, rank: Rank, message) -> None:
         rank.last_heard = time.monotonic()
         rank.hellos_unanswered = 0
         if isinstance(message, Welcome):  # a refusal (acceptances go to _on_welcome)
@@ -406,7 +279,7 @@ class StreamProducer:
             rank.done = True
             rank.backlog.clear()
             self._work = collections.deque(w for w in self._work if w.rank is not rank)
-            if rank.trainer not in self._expected_jobs():
+            if rank.trainer not in self._ranks.expected_jobs():
                 self.window.forget_job(rank.trainer)
         elif isinstance(message, Error):
             if message.code == "unknown_producer":
@@ -458,7 +331,7 @@ class StreamProducer:
             grants[int(row.sample_id)].append(work)
         if not unique:
             return
-        expected = self._expected_jobs()
+        expected = self._ranks.expected_jobs()
         # Samples are pushed as the backend yields them (it may still be copying the next ones).
         for row, sample in zip(unique.values(), self.backend.capture(list(unique.values())), strict=True):
             if sample.sample_id != row.sample_id:
@@ -498,7 +371,7 @@ class StreamProducer:
         rank.backlog.append((work, sample))
         self._flush(rank)
 
-    def _flush(self, rank: _Rank) -> None:
+    def _flush(self, rank: Rank) -> None:
         """Send the rank's backlog in order, without blocking: a full pipe is back-pressure from a
         busy rank (the rest waits for the next pass); one that takes nothing for
         ``send_timeout_seconds`` is gone."""
@@ -528,7 +401,7 @@ class StreamProducer:
     def _fail(self, work: _Work, reason: str) -> None:
         self._fail_ids(work.rank, work.grant.lease_id, list(work.grant.sample_ids), reason)
 
-    def _fail_ids(self, rank: _Rank, lease_id: int, sample_ids: list[int], reason: str) -> None:
+    def _fail_ids(self, rank: Rank, lease_id: int, sample_ids: list[int], reason: str) -> None:
         if rank.welcomed and _writable(rank.control):
             send_message(
                 rank.control, LeaseFailed(lease_id=lease_id, sample_ids=sample_ids, reason=reason), flags=zmq.NOBLOCK

@@ -309,7 +309,7 @@ def crash(source):
 def test_a_producer_given_rank_0_finds_the_other_ranks_and_finds_them_again_after_a_restart(
     tmp_path, backend, rows, caplog
 ):
-    caplog.set_level(logging.INFO, logger="producer.stream_client")
+    caplog.set_level(logging.INFO, logger="producer")
     ranks = two_rank_trainer(tmp_path, backend, rows, ["host-a", "host-b"])
     producer, thread = start_producer(tmp_path, backend, rows, connect=[f"ipc://{tmp_path}/host-a"])
     for r, source in enumerate(ranks):
