@@ -147,9 +147,9 @@ def rank_endpoints(base: str, rank: int, *, local_rank: int | None = None) -> tu
     ``tcp://HOST:PORT`` -> ports PORT+2l and PORT+2l+1, where l is the rank's ``local_rank`` on its
     host (default: ``rank``, all ranks on one host). So with ``torchrun --nnodes N`` every node's
     first rank answers at PORT on its own host."""
-    if local_rank is not None and scheme_of(base) == "tcp":
-        rank = local_rank
     scheme, _, rest = base.partition("://")
+    if local_rank is not None and scheme == "tcp":
+        rank = local_rank
     if scheme == "ipc":
         return f"ipc://{rest}/rank{rank}-control.sock", f"ipc://{rest}/rank{rank}-data.sock"
     if scheme == "tcp":
@@ -163,10 +163,6 @@ def rank_endpoints(base: str, rank: int, *, local_rank: int | None = None) -> tu
 
 
 WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "[::]")
-
-
-def scheme_of(endpoint: str) -> str:
-    return endpoint.partition("://")[0]
 
 
 def endpoint_host(endpoint: str) -> str:
