@@ -36,6 +36,7 @@ import pytest
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
+from producer.live.engine import ServingEngine  # noqa: E402
 from tests.vllm.engine.conftest import FIGURES, cli_env, record_engine_starts  # noqa: E402
 from tests.vllm.engine.serve_drafts import NUM_NEW, NUM_PROMPTS, K, one_thread  # noqa: E402
 
@@ -183,23 +184,6 @@ def _http(url: str, body: dict | None = None, timeout: float = 120) -> str:
         return response.read().decode()
 
 
-def _prometheus_spec_counters(text: str) -> dict:
-    """``vllm:spec_decode_*_total`` samples of a /metrics page, summed over label sets but position."""
-    out: dict = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0, "per_pos": {}}
-    for line in text.splitlines():
-        if not line.startswith("vllm:spec_decode_") or "_total" not in line:
-            continue
-        name_labels, value = line.rsplit(" ", 1)
-        name = name_labels.split("{", 1)[0].removeprefix("vllm:spec_decode_").removesuffix("_total")
-        if name == "num_accepted_tokens_per_pos":
-            position = int(name_labels.split('position="', 1)[1].split('"', 1)[0])
-            out["per_pos"][position] = out["per_pos"].get(position, 0) + int(float(value))
-        elif name in out:
-            out[name] += int(float(value))
-    out["per_pos"] = [out["per_pos"].get(p, 0) for p in range(len(out["per_pos"]))]
-    return out
-
-
 def _wait_ready(server: subprocess.Popen, url: str, log: Path, timeout: float) -> float:
     start = time.perf_counter()
     while time.perf_counter() - start < timeout:
@@ -223,7 +207,10 @@ def _stop(server: subprocess.Popen) -> None:
             server.wait(timeout=30)
 
 
-SERVE_TEST = "test_vllm_serve_checkpoint_answers_and_exports_spec_decode_counters"
+SERVE_TESTS = (
+    "test_vllm_serve_checkpoint_answers_and_exports_spec_decode_counters",
+    "test_drafts_swap_in_place_while_requests_stream",
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -234,8 +221,9 @@ def servers(request, drafts, tmp_path_factory):
     kinds = [
         item.callspec.params["kind"]
         for item in request.session.items
-        if getattr(item, "module", None) is request.module and getattr(item, "originalname", None) == SERVE_TEST
+        if getattr(item, "module", None) is request.module and getattr(item, "originalname", None) in SERVE_TESTS
     ]
+    kinds = list(dict.fromkeys(kinds))
     started: dict[str, dict] = {}
     try:
         for kind in kinds:
@@ -243,12 +231,14 @@ def servers(request, drafts, tmp_path_factory):
             port = _free_port()
             log = tmp_path_factory.mktemp(f"serve-{kind}") / "serve.log"
             args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--host", "127.0.0.1"]
+            # draftstream serve's settings: the swap extension, reached on the dev-mode /collective_rpc
+            args += ["--worker-extension-cls", "producer.live.swap.DraftSwap"]
             command = [sys.executable, "-m", "producer.vllm.cli", "serve", checkpoint, *args, "--port", str(port)]
             start = time.perf_counter()
             with log.open("w") as out:
                 process = subprocess.Popen(
                     command,
-                    env=cli_env(),
+                    env=cli_env(VLLM_SERVER_DEV_MODE="1"),
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     cwd=Path(__file__).resolve().parents[3],
@@ -282,23 +272,130 @@ def test_vllm_serve_checkpoint_answers_and_exports_spec_decode_counters(drafts, 
         answer = json.loads(_http(url + "/v1/completions", body))
         outputs = [c["token_ids"] for c in sorted(answer["choices"], key=lambda c: c["index"])]
         assert outputs == drafts.greedy
-        counters = _prometheus_spec_counters(_http(url + "/metrics"))
-    finally:
+        counters = ServingEngine(url).counters()
+    except BaseException:
         _stop(server)
-        record_engine_starts(f"vllm serve ckpt ({kind})", log.read_text())
-        servers[kind]["recorded"] = True
+        raise
     FIGURES.append(
         f"serve: vllm serve {kind} ready {ready:.1f} s after its start (with the module), "
         f"done {time.perf_counter() - start:.1f} s after"
     )
     FIGURES.append(
-        _figure(
-            kind, "vllm serve /metrics", counters["num_drafts"], counters["num_accepted_tokens"], counters["per_pos"]
-        )
+        _figure(kind, "vllm serve /metrics", counters.num_drafts, counters.num_accepted_tokens, counters.per_pos)
     )
-    assert counters["num_drafts"] > 0 and counters["num_draft_tokens"] == K * counters["num_drafts"]
-    length, rates = _acceptance(counters["num_drafts"], counters["num_accepted_tokens"], counters["per_pos"])
+    assert counters.num_drafts > 0 and counters.num_draft_tokens == K * counters.num_drafts
+    length, rates = _acceptance(counters.num_drafts, counters.num_accepted_tokens, counters.per_pos)
     row = ours[kind]
     assert abs(length - row["acceptance_length"]) <= TOTAL_TOLERANCE * row["acceptance_length"], (counters, row)
     for p in range(K):
         assert abs(rates[p] - row[f"acceptance_at_pos_{p}"]) <= PER_POS_TOLERANCE, (p, counters, row)
+
+
+# --- hot swap: new drafts go into the running server -----------------------------------------------
+
+
+def _scrambled_copy(checkpoint: Path, out: Path) -> Path:
+    """The checkpoint with every trained float tensor replaced by small seeded noise (a draft that
+    is never accepted) and the rest (embeddings, vocabulary maps, config) kept: a stand-in for an
+    early draft of the same shape."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(checkpoint, out)
+    tensors = load_file(str(checkpoint / "model.safetensors"))
+    generator = torch.Generator().manual_seed(0)
+    noise = {
+        name: (torch.randn(t.shape, generator=generator) * 0.02).to(t.dtype)
+        if t.dtype.is_floating_point and not name.startswith("embed_tokens")
+        else t
+        for name, t in tensors.items()
+    }
+    save_file(noise, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _complete(url: str, model: str, prompts: list[list[int]]) -> list[list[int]]:
+    body = {"model": model, "prompt": prompts, "max_tokens": NUM_NEW, "temperature": 0.0, "return_token_ids": True}
+    answer = json.loads(_http(url + "/v1/completions", body))
+    return [c["token_ids"] for c in sorted(answer["choices"], key=lambda c: c["index"])]
+
+
+@pytest.mark.parametrize("kind", SERVE_KINDS)
+def test_drafts_swap_in_place_while_requests_stream(drafts, servers, kind, tmp_path):
+    """Requests stream from two clients while the serving draft is swapped four times (trained ->
+    scrambled -> trained -> scrambled -> trained) through the dev-mode ``/collective_rpc``: no request
+    fails and every answer is the target's greedy continuation. After the swaps the trained draft's
+    counters on the prompt batch equal those it had before any swap, the scrambled one is never
+    accepted, and a checkpoint of another algorithm is refused with the serving draft unchanged."""
+    import threading
+
+    trained = str(drafts.checkpoints[kind])
+    scrambled = str(_scrambled_copy(drafts.checkpoints[kind], tmp_path / "scrambled"))
+    server, url, log, start = (servers[kind][k] for k in ("process", "url", "log", "start"))
+    engine = ServingEngine(url)
+    try:
+        _wait_ready(server, url, log, timeout=max(1.0, 400 - (time.perf_counter() - start)))
+
+        def batch_counters():
+            before = engine.counters()
+            assert _complete(url, trained, drafts.prompts) == drafts.greedy
+            return engine.counters() - before
+
+        assert engine.serving() == trained
+        reference = batch_counters()
+
+        done: list[tuple[int, list[int]]] = []
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def client(offset: int) -> None:
+            i = offset
+            while not stop.is_set():
+                p = i % len(drafts.prompts)
+                try:
+                    done.append((p, _complete(url, trained, [drafts.prompts[p]])[0]))
+                except Exception as e:  # noqa: BLE001 - every failure is the test's finding
+                    failures.append(f"prompt {p}: {type(e).__name__}: {e}")
+                i += 2
+
+        clients = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(2)]
+        for c in clients:
+            c.start()
+        swaps = []
+        try:
+            for path in (scrambled, trained, scrambled, trained):
+                target = len(done) + 3
+                while len(done) < target and not failures and time.perf_counter() - start < 800:
+                    time.sleep(0.05)
+                swaps.append((len(done), engine.swap(path)))
+        finally:
+            stop.set()
+            for c in clients:
+                c.join(timeout=120)
+        assert not failures, failures[:3]
+        assert all(result["ok"] for _, result in swaps), swaps
+        assert [r["path"] for _, r in swaps] == [scrambled, trained, scrambled, trained]
+        assert len(done) >= 12
+        assert all(out == drafts.greedy[p] for p, out in done), [p for p, out in done if out != drafts.greedy[p]]
+
+        again = batch_counters()  # the trained draft, back after four swaps
+        engine.swap(scrambled)
+        noise = batch_counters()
+        engine.swap(trained)
+        refused = engine.swap(str(drafts.checkpoints["eagle3" if kind == "peagle" else "peagle"]))
+        assert engine.serving() == trained
+        after_refusal = batch_counters()
+    except BaseException:
+        _stop(server)
+        raise
+    FIGURES.append(
+        f"swap: {len(done)} streamed requests, {len(swaps)} swaps in "
+        + "/".join(f"{r['seconds'] * 1000:.0f}" for _, r in swaps)
+        + f" ms; acceptance trained {reference.acceptance_length:.3f} -> after swaps {again.acceptance_length:.3f},"
+        f" scrambled {noise.acceptance_length:.3f}"
+    )
+    assert again == reference and after_refusal == reference, (reference, again, after_refusal)
+    assert noise.num_drafts > 0 and noise.num_accepted_tokens <= 0.02 * noise.num_draft_tokens, noise
+    assert not refused["ok"] and "other tensors" in refused["reason"], refused
