@@ -399,3 +399,81 @@ def test_drafts_swap_in_place_while_requests_stream(drafts, servers, kind, tmp_p
     assert again == reference and after_refusal == reference, (reference, again, after_refusal)
     assert noise.num_drafts > 0 and noise.num_accepted_tokens <= 0.02 * noise.num_draft_tokens, noise
     assert not refused["ok"] and "other tensors" in refused["reason"], refused
+
+
+# --- the front door: the served traffic becomes rows --------------------------------------------------
+
+
+def _sse_token_ids(url: str, body: dict) -> tuple[list[dict], bool]:
+    """The ``data:`` chunks of a streamed answer, and whether ``[DONE]`` ended it."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    chunks, done = [], False
+    with urllib.request.urlopen(request, timeout=120) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                chunks.append(json.loads(line[6:]))
+    return chunks, done
+
+
+@pytest.mark.parametrize("kind", SERVE_KINDS)
+def test_front_door_turns_served_requests_into_rows(drafts, servers, kind):
+    """The front door (``producer.live.front``) in front of the real server: completions, streamed
+    completions and chat answers reach the client exactly as vLLM sends them without token ids, and
+    each becomes one row = prompt ids + the target's greedy tokens, supervised on the generated part.
+    A request that opts out, and every request while capture is off, gives no row; vLLM's dev
+    endpoints are not reachable through it."""
+    from producer.live.front import FrontDoor
+    from producer.live.traffic import OPT_OUT_FIELD, CaptureControls, TrafficQueue
+
+    checkpoint = str(drafts.checkpoints[kind])
+    server, url, log, start = (servers[kind][k] for k in ("process", "url", "log", "start"))
+    queue = TrafficQueue(CaptureControls(max_tokens=512))
+    off = TrafficQueue(CaptureControls(rate=0.0))
+    door = FrontDoor(url, queue).start()
+    door_off = FrontDoor(url, off).start()
+    try:
+        _wait_ready(server, url, log, timeout=max(1.0, 400 - (time.perf_counter() - start)))
+        body = {"model": checkpoint, "max_tokens": NUM_NEW, "temperature": 0.0}
+        # completions: three prompts in one request; the client did not ask for token ids
+        answer = json.loads(_http(door.url + "/v1/completions", {**body, "prompt": drafts.prompts[:3]}))
+        assert all("token_ids" not in c and "prompt_token_ids" not in c for c in answer["choices"])
+        # streamed, and the client asked for token ids itself: they stay
+        chunks, done = _sse_token_ids(
+            door.url + "/v1/completions",
+            {**body, "prompt": drafts.prompts[3], "stream": True, "return_token_ids": True},
+        )
+        assert (
+            done and [t for c in chunks for ch in c["choices"] for t in ch.get("token_ids") or []] == drafts.greedy[3]
+        )
+        # opted out, and capture off: answered, not captured
+        assert json.loads(
+            _http(door.url + "/v1/completions", {**body, "prompt": drafts.prompts[4], OPT_OUT_FIELD: False})
+        )
+        assert json.loads(_http(door_off.url + "/v1/completions", {**body, "prompt": drafts.prompts[5]}))
+        # a chat turn through the served model's chat template
+        chat = json.loads(
+            _http(door.url + "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": "hello there"}]})
+        )
+        assert chat["choices"][0]["message"] is not None and "prompt_token_ids" not in chat
+        # vLLM's dev endpoints stay behind the door
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _http(door.url + "/collective_rpc", {"method": "draftstream_serving_draft"})
+        assert refused.value.code == 404
+    except BaseException:
+        _stop(server)
+        raise
+    finally:
+        door.stop()
+        door_off.stop()
+    rows = queue.take(100)
+    assert [(list(r.token_ids[: r.num_prompt]), list(r.token_ids[r.num_prompt :])) for r in rows[:4]] == [
+        (drafts.prompts[i], drafts.greedy[i]) for i in range(4)
+    ]
+    assert all(r.loss_mask == [0] * r.num_prompt + [1] * (len(r.token_ids) - r.num_prompt) for r in rows)
+    assert len(rows) == 5 and rows[4].num_prompt > 0 and len(rows[4].token_ids) > rows[4].num_prompt  # the chat turn
+    stats = queue.stats()
+    assert (stats["queued"], stats["opted_out"], stats["failed"]) == (5, 1, 0), stats
+    assert off.stats()["off"] == 1 and off.stats()["queued"] == 0
