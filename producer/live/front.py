@@ -239,6 +239,8 @@ class FrontDoor:
                 return
             started.set()
             self._loop.run_forever()
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()  # here, on its own thread: not later by the garbage collector
 
         self._thread = threading.Thread(target=run, name="front-door", daemon=True)
         self._thread.start()

@@ -207,9 +207,12 @@ def _stop(server: subprocess.Popen) -> None:
             server.wait(timeout=30)
 
 
+CLI_SERVE = [sys.executable, "-m", "protocol.cli", "serve"]
 SERVE_TESTS = (
     "test_vllm_serve_checkpoint_answers_and_exports_spec_decode_counters",
     "test_drafts_swap_in_place_while_requests_stream",
+    "test_front_door_turns_served_requests_into_rows",
+    "test_draftstream_serve_captures_traffic_and_swaps_in_only_better_drafts",
 )
 
 
@@ -228,23 +231,51 @@ def servers(request, drafts, tmp_path_factory):
     try:
         for kind in kinds:
             checkpoint = str(drafts.checkpoints[kind])
-            port = _free_port()
-            log = tmp_path_factory.mktemp(f"serve-{kind}") / "serve.log"
-            args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--host", "127.0.0.1"]
-            # draftstream serve's settings: the swap extension, reached on the dev-mode /collective_rpc
-            args += ["--worker-extension-cls", "producer.live.swap.DraftSwap"]
-            command = [sys.executable, "-m", "producer.vllm.cli", "serve", checkpoint, *args, "--port", str(port)]
+            port, door_port = _free_port(), _free_port()
+            work = tmp_path_factory.mktemp(f"serve-{kind}")
+            log = work / "serve.log"
+            # `draftstream serve`: vLLM on loopback (with the swap extension, dev mode) behind the front
+            # door; the tests reach both, vLLM directly as plain `vllm serve` would be reached.
+            command = [
+                *CLI_SERVE,
+                checkpoint,
+                "--port",
+                str(door_port),
+                "--vllm-port",
+                str(port),
+                "--capture-dir",
+                str(work / "traffic"),
+                "--drafts-dir",
+                str(work / "drafts"),
+                "--holdout-every",
+                "2",
+                "--min-heldout",
+                "2",
+                "--score-max-new-tokens",
+                str(NUM_NEW),
+                "--poll-seconds",
+                "0.3",
+                "--",
+                *["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024"],
+            ]
             start = time.perf_counter()
             with log.open("w") as out:
                 process = subprocess.Popen(
                     command,
-                    env=cli_env(VLLM_SERVER_DEV_MODE="1"),
+                    env=cli_env(),
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     cwd=Path(__file__).resolve().parents[3],
                     start_new_session=True,
                 )
-            started[kind] = {"process": process, "url": f"http://127.0.0.1:{port}", "log": log, "start": start}
+            started[kind] = {
+                "process": process,
+                "url": f"http://127.0.0.1:{port}",
+                "door": f"http://127.0.0.1:{door_port}",
+                "work": work,
+                "log": log,
+                "start": start,
+            }
         yield started
     finally:
         for kind, server in started.items():
@@ -477,3 +508,71 @@ def test_front_door_turns_served_requests_into_rows(drafts, servers, kind):
     stats = queue.stats()
     assert (stats["queued"], stats["opted_out"], stats["failed"]) == (5, 1, 0), stats
     assert off.stats()["off"] == 1 and off.stats()["queued"] == 0
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _wait_for(predicate, what: str, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("kind", SERVE_KINDS)
+def test_draftstream_serve_captures_traffic_and_swaps_in_only_better_drafts(drafts, servers, kind, tmp_path):
+    """``draftstream serve`` (the module's server): requests through its front door are answered with
+    the target's greedy tokens and written as rows (every 2nd held out); with a scrambled draft
+    serving, a scrambled candidate dropped into --drafts-dir is scored on the held-out traffic and
+    kept out, a trained one is scored higher and swapped in; swaps.jsonl records both decisions."""
+    import shutil
+
+    server, url, door, work, log, start = (servers[kind][k] for k in ("process", "url", "door", "work", "log", "start"))
+    checkpoint = str(drafts.checkpoints[kind])
+    scrambled = _scrambled_copy(drafts.checkpoints[kind], tmp_path / "scrambled")
+    engine = ServingEngine(url)
+    try:
+        _wait_ready(server, door, log, timeout=max(1.0, 400 - (time.perf_counter() - start)))
+        assert engine.swap(str(scrambled))["ok"]  # a poor draft serves
+        for p, prompt in enumerate(drafts.prompts):
+            assert _complete(door, checkpoint, [prompt]) == [drafts.greedy[p]]
+        traffic = work / "traffic"
+        _wait_for(lambda: len(_lines(traffic / "heldout.jsonl")) == len(drafts.prompts) // 2, "the held-out rows")
+        drafts_dir = work / "drafts"
+        drafts_dir.mkdir(exist_ok=True)
+        for name, source in (("a-scrambled", scrambled), ("b-trained", drafts.checkpoints[kind])):
+            shutil.copytree(source, drafts_dir / f".{name}")  # written aside, then renamed in
+            (drafts_dir / f".{name}").rename(drafts_dir / name)
+            count = 1 if name.startswith("a") else 2
+            _wait_for(lambda c=count: len(_lines(traffic / "swaps.jsonl")) >= c, f"the decision on {name}")
+        decisions = _lines(traffic / "swaps.jsonl")
+        serving = engine.serving()
+        # the swapped-in draft serves the target's greedy tokens, as before
+        assert _complete(door, checkpoint, drafts.prompts) == drafts.greedy
+    except BaseException:
+        _stop(server)
+        raise
+    kept_out, swapped_in = decisions
+    FIGURES.append(
+        "serve: swap guard on {} held-out rows: scrambled candidate {:.3f} vs {:.3f} kept out; "
+        "trained {:.3f} vs {:.3f} swapped in".format(
+            kept_out["heldout_rows"],
+            kept_out["candidate_score"],
+            kept_out["serving_score"],
+            swapped_in["candidate_score"],
+            swapped_in["serving_score"],
+        )
+    )
+    assert not kept_out["swapped"] and kept_out["serving"] == str(scrambled)
+    assert swapped_in["swapped"] and swapped_in["candidate_score"] > swapped_in["serving_score"] + 0.3
+    assert serving == str((drafts_dir / "b-trained").resolve())
+    rows = [row for f in sorted(traffic.glob("traffic-*.jsonl")) for row in _lines(f)]
+    rows += _lines(traffic / "heldout.jsonl")
+    captured = sorted((r["input_ids"], r["loss_mask"]) for r in rows)
+    expected = sorted((p + g, [0] * len(p) + [1] * len(g)) for p, g in zip(drafts.prompts, drafts.greedy))
+    assert captured == expected  # the last batch repeats the prompts: deduplicated, not captured again
