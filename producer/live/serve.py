@@ -171,28 +171,32 @@ class GuardConfig:
 
 def score_draft(checkpoint: str, rows: list[LiveRow], *, max_new_tokens: int, work: Path) -> float:
     """Acceptance length of ``checkpoint`` on ``rows``' prompts by ``draftstream eval`` (Hugging Face
-    target, greedy, KV-cached; vLLM's counting): the prompts are each row's tokens up to its first
-    generated one, i.e. exactly what was served."""
-    from trainer.eval.evaluate import build_parser, run
-
+    target, greedy, KV-cached; vLLM's counting), run as its own process (the trainer's evaluation
+    stays out of the producer's imports, and its memory goes when it ends): the prompts are each
+    row's tokens up to its first generated one, i.e. exactly what was served."""
     work.mkdir(parents=True, exist_ok=True)
     data = work / "heldout-scored.jsonl"
     data.write_text("".join(json.dumps(_row_json(r)) + "\n" for r in rows))
-    args = build_parser().parse_args(
-        [
-            "--checkpoint",
-            checkpoint,
-            "--data",
-            str(data),
-            "--num-prompts",
-            str(len(rows)),
-            "--max-new-tokens",
-            str(max_new_tokens),
-            "--device",
-            "cpu",
-        ]
-    )
-    result = run(args)
+    command = [
+        sys.executable,
+        "-m",
+        "protocol.cli",
+        "eval",
+        "--checkpoint",
+        checkpoint,
+        "--data",
+        str(data),
+        "--num-prompts",
+        str(len(rows)),
+        "--max-new-tokens",
+        str(max_new_tokens),
+        "--device",
+        "cpu",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"draftstream eval exited with {done.returncode}: {done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
     return float(result["rows"][-1]["acceptance_length"])
 
 
