@@ -18,6 +18,7 @@ BENCHMARKS = {
     "fanout": "bench.fanout",
     "jobs": "bench.jobs",
     "quality": "bench.quality",
+    "serve-cost": "bench.serve_cost",
 }
 
 
