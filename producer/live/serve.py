@@ -9,7 +9,7 @@ starts, on one host::
     clients --HTTP--> front door (--host:--port)  --loopback-->  vllm serve DRAFT_CHECKPOINT
                          | rows: prompt + generated             (--worker-extension-cls DraftSwap,
                          v                                        dev mode on 127.0.0.1 only)
-                      TrafficQueue --> row writer: <capture-dir>/traffic-NNNNN.jsonl   ^
+                      TrafficQueue --> row writer: <capture-dir>/rows/traffic-NNNNN.jsonl ^
                                          every --holdout-every-th row: held-out slice   |
                       draft watcher: a new checkpoint in --drafts-dir is scored on the  |
                       held-out slice against the serving draft; the better one serves --+ (in place)
@@ -18,8 +18,8 @@ starts, on one host::
   vLLM gets a free loopback port. The speculative config is the checkpoint's (a speculators
   checkpoint given as the model names its verifier), as with plain ``vllm serve``.
 - Captured rows are ``{"input_ids", "loss_mask", "request_id"}`` JSON lines, the pre-tokenized form
-  ``draftstream prepare`` passes through, so ``prepare --data <capture-dir>`` then ``train`` gives a
-  draft for this traffic. Capture controls: ``producer.live.traffic``.
+  ``draftstream prepare`` passes through, so ``prepare --data <capture-dir>/rows`` then ``train``
+  gives a draft for this traffic. Capture controls: ``producer.live.traffic``.
 - Swaps are guarded: a candidate (a folder with ``config.json`` + ``model.safetensors`` that appears in
   ``--drafts-dir``; write it elsewhere and rename it in) is scored with ``draftstream eval`` (greedy
   speculative decoding against the target, vLLM's counting) on the held-out slice of recent traffic,
@@ -86,8 +86,9 @@ def vllm_command(model: str, serve_args: list[str], *, port: int, vllm: str | No
 class RowWriter:
     """Takes rows off the queue: every ``holdout_every``-th goes to the held-out slice (the last
     ``holdout_rows`` of them, rewritten to ``heldout.jsonl``), the others are appended to
-    ``traffic-NNNNN.jsonl`` (a new file every ``rows_per_file``). Without a directory, rows are
-    only counted (the held-out slice is still kept, in memory)."""
+    ``rows/traffic-NNNNN.jsonl`` (a new file every ``rows_per_file``; ``prepare --data DIR/rows``
+    reads them, and never the held-out slice). Without a directory, rows are only counted (the
+    held-out slice is still kept, in memory)."""
 
     def __init__(
         self,
@@ -107,8 +108,8 @@ class RowWriter:
         self._file = None
         self._lock = threading.Lock()
         if directory is not None:
-            directory.mkdir(parents=True, exist_ok=True)
-            self._next_file = len(list(directory.glob("traffic-*.jsonl")))
+            (directory / "rows").mkdir(parents=True, exist_ok=True)
+            self._next_file = len(list((directory / "rows").glob("traffic-*.jsonl")))
 
     def drain(self, timeout: float = 0.5) -> int:
         rows = self.queue.take(256, timeout=timeout)
@@ -132,7 +133,7 @@ class RowWriter:
         if self._file is None or self._rows_in_file >= self.rows_per_file:
             if self._file is not None:
                 self._file.close()
-            self._file = (self.directory / f"traffic-{self._next_file:05d}.jsonl").open("a")
+            self._file = (self.directory / "rows" / f"traffic-{self._next_file:05d}.jsonl").open("a")
             self._next_file += 1
             self._rows_in_file = 0
         self._file.write(json.dumps(_row_json(row)) + "\n")

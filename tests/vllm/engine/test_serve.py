@@ -514,6 +514,10 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def _lines_of(folder: Path) -> list[dict]:
+    return [row for f in sorted(folder.glob("traffic-*.jsonl")) for row in _lines(f)]
+
+
 def _wait_for(predicate, what: str, timeout: float = 120.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -571,8 +575,27 @@ def test_draftstream_serve_captures_traffic_and_swaps_in_only_better_drafts(draf
     assert not kept_out["swapped"] and kept_out["serving"] == str(scrambled)
     assert swapped_in["swapped"] and swapped_in["candidate_score"] > swapped_in["serving_score"] + 0.3
     assert serving == str((drafts_dir / "b-trained").resolve())
-    rows = [row for f in sorted(traffic.glob("traffic-*.jsonl")) for row in _lines(f)]
+    rows = _lines_of(traffic / "rows")
     rows += _lines(traffic / "heldout.jsonl")
     captured = sorted((r["input_ids"], r["loss_mask"]) for r in rows)
     expected = sorted((p + g, [0] * len(p) + [1] * len(g)) for p, g in zip(drafts.prompts, drafts.greedy))
     assert captured == expected  # the last batch repeats the prompts: deduplicated, not captured again
+    # the training rows are what `draftstream prepare` reads (the held-out slice is not among them)
+    from producer.prepare import main as prepare
+
+    assert prepare(
+        [
+            "--model",
+            str(drafts.target),
+            "--data",
+            str(traffic / "rows"),
+            "--output",
+            str(tmp_path / "prepared"),
+            "--num-workers",
+            "1",
+        ]
+    ) in (0, None)
+    import datasets
+
+    prepared = datasets.load_from_disk(str(tmp_path / "prepared"))
+    assert sorted(map(list, prepared["input_ids"])) == sorted(r["input_ids"] for r in _lines_of(traffic / "rows"))
