@@ -1,4 +1,5 @@
-"""``draftstream produce --connect ENDPOINT...``: serve trainer ranks' grants from a prepared dataset.
+"""``draftstream produce --connect ENDPOINT...``: serve trainer ranks' grants from a prepared dataset, or
+from a traffic log (``draftstream serve --capture-dir``) that grows while they train.
 
 The target runs in the backend ``--backend`` names (``producer.run_config.make_backend``); the
 ``Hello`` announces its ``TargetSpec`` with the prepared dataset's fingerprint, so a trainer rank
@@ -17,7 +18,7 @@ from pathlib import Path
 from producer.backend import CaptureRow
 from producer.run_config import ProduceConfig, captured_layout, make_backend
 from producer.stream_client import StreamClientConfig, StreamProducer
-from protocol.dataset import PreparedDataset
+from protocol.dataset import open_rows
 from protocol.sockets import CurveKeys, SocketConfig
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def stream(config: ProduceConfig, *, stop: threading.Event | None = None) -> int
             "CURVE needs both --curve-secret-key (this producer's) and --curve-server-key (the trainer's public key)"
         )
 
-    data = PreparedDataset(config.data, flag="--data")
+    data = open_rows(config.data, flag="--data")  # a prepared dataset, or a traffic log that grows
     layer_ids, _ = captured_layout(config)
     if stop is not None and stop.is_set():  # stopped before the target was loaded: nothing to serve
         return 0
@@ -39,6 +40,8 @@ def stream(config: ProduceConfig, *, stop: threading.Event | None = None) -> int
     log.info("target: %s", spec)
 
     def row(sample_id: int) -> CaptureRow:
+        if sample_id >= len(data) and hasattr(data, "refresh"):
+            data.refresh()  # a traffic log: the trainer saw rows this producer has not read yet
         if not 0 <= sample_id < len(data):
             raise ValueError(f"granted sample {sample_id} is outside the prepared dataset of {len(data)} rows")
         return CaptureRow(sample_id, *data.row(sample_id))

@@ -53,3 +53,13 @@ class PreparedDataset:
         """(input_ids [T] int64, loss_mask [T] bool) of row ``index``."""
         r = self._ds[int(index)]
         return torch.as_tensor(r["input_ids"], dtype=torch.int64), torch.as_tensor(r["loss_mask"]).bool()
+
+
+def open_rows(path: str | os.PathLike, *, flag: str = "--data-path", **log_kwargs):
+    """The rows at ``path``: a ``protocol.trafficlog.TrafficLog`` if it is a traffic log
+    (``draftstream serve --capture-dir``), else a ``PreparedDataset``. ``log_kwargs`` go to the log."""
+    from protocol.trafficlog import TrafficLog, is_traffic_log
+
+    if is_traffic_log(path):
+        return TrafficLog(path, flag=flag, **log_kwargs)
+    return PreparedDataset(path, flag=flag)

@@ -62,6 +62,7 @@ _DRAFT_OVERRIDES = (
 
 
 _LOOP, _DRAFT, _STREAM = config_defaults(LoopConfig), config_defaults(DraftConfig), config_defaults(StreamConfig)
+LIVE_CHUNKS = 10**9  # a live run's --epochs when none is given: every chunk that comes
 
 
 def config_kwargs(cls, args: argparse.Namespace, *, given_only: bool = False, skip: tuple[str, ...] = ()) -> dict:
@@ -136,7 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("data")
-    g.add_argument("--data-path", default="./data", help="prepared dataset (draftstream prepare output)")
+    g.add_argument(
+        "--data-path",
+        default="./data",
+        help="prepared dataset (draftstream prepare output), or a traffic log (draftstream serve --capture-dir): "
+        "then the run trains on served traffic as it comes, chunk by chunk (live; needs --stream-endpoint)",
+    )
+    g.add_argument(
+        "--live-chunk-rows", type=int, default=64, help="live: rows of traffic per chunk (one epoch, one checkpoint)"
+    )
+    g.add_argument(
+        "--live-val-every", type=int, default=8, help="live: every N-th row of a chunk is held out (0: none)"
+    )
+    g.add_argument("--live-max-tokens", type=int, default=2048, help="live: longer rows are dropped (counted)")
     g.add_argument(
         "--hidden-states-path", default=None, help="hs_{i}.safetensors files; default <data-path>/hidden_states"
     )
@@ -310,9 +323,11 @@ def main(argv: list[str] | None = None, *, make_file_source: Callable | None = N
     args = build_parser().parse_args(argv)
     # Imported here rather than at the top so `draftstream train --help` and flag errors come back
     # without loading transformers and datasets.
-    from protocol.dataset import PreparedDataset
+    from protocol.dataset import open_rows
     from protocol.logs import setup_logging
+    from protocol.trafficlog import TrafficLog
     from trainer.data.batch import make_filler_batch
+    from trainer.data.live import LivePlans
     from trainer.data.sources import FileSampleSource, split_train_val
     from trainer.models.export import build_draft, load_draft, save_draft
     from trainer.models.verifier import read_verifier_config
@@ -333,8 +348,29 @@ def main(argv: list[str] | None = None, *, make_file_source: Callable | None = N
             aux_ids = aux_layer_ids(args.target_layer_ids, int(verifier_config["num_hidden_layers"]))
             hidden = int(verifier_config["hidden_size"])
 
-            dataset = PreparedDataset(args.data_path)
-            train_ids, val_ids = split_train_val(len(dataset), val_ratio=_val_ratio(args), seed=args.seed)
+            dataset = open_rows(
+                args.data_path, vocab_size=int(verifier_config["vocab_size"]), max_tokens=args.live_max_tokens
+            )
+            live_plans = None
+            if isinstance(dataset, TrafficLog):
+                loop_config = _live_loop_config(list(sys.argv[1:] if argv is None else argv), loop_config)
+                live_plans = LivePlans(
+                    dataset,
+                    chunk_rows=args.live_chunk_rows,
+                    val_every=args.live_val_every,
+                    epochs=loop_config.epochs,
+                    seed=loop_config.seed,
+                    world_size=env.world_size,
+                    logical_world_size=env.world_size * loop_config.grad_accum_steps,
+                    total_seq_len=loop_config.total_seq_len,
+                    reuse=loop_config.reuse,
+                    reuse_window=loop_config.reuse_window,
+                )
+                train_ids, val_ids = [], []
+            else:
+                train_ids, val_ids = split_train_val(len(dataset), val_ratio=_val_ratio(args), seed=args.seed)
+            if live_plans is not None and not args.stream_endpoint:
+                raise ValueError(f"{args.data_path} is a traffic log: live training needs --stream-endpoint")
             if args.stream_endpoint:
                 if args.hidden_states_path:
                     raise ValueError(
@@ -349,6 +385,7 @@ def main(argv: list[str] | None = None, *, make_file_source: Callable | None = N
                     loop_config=loop_config,
                     train_ids=train_ids,
                     val_ids=val_ids,
+                    live_plans=live_plans,
                 )
                 num_captured, hs_dtype = len(aux_ids) + 1, DTYPES[source.target.dtype]
             else:
@@ -409,6 +446,7 @@ def main(argv: list[str] | None = None, *, make_file_source: Callable | None = N
             filler=make_filler_batch(num_layers=num_captured, hidden_size=hidden, dtype=hs_dtype),
             save_draft=save_draft,
             run_config=vars(args),
+            plans=live_plans,
         )
         if resume_dir is not None:
             trainer.restore(resume_dir)
@@ -421,6 +459,13 @@ def main(argv: list[str] | None = None, *, make_file_source: Callable | None = N
             env.world_size,
             trainer.total_steps,
         )
+        if live_plans is not None:
+            logger.info(
+                "live traffic from %s: chunks of %d rows (every %d-th held out), each one epoch and one checkpoint",
+                args.data_path,
+                args.live_chunk_rows,
+                args.live_val_every,
+            )
         result = None
         try:
             result = trainer.fit()
@@ -482,6 +527,60 @@ def planned_peak_bytes(
     ]
 
 
+def live_peak_bytes(
+    loop_config: LoopConfig, target: TargetSpec, plans, max_tokens: int, *, world_size: int, rank: int
+) -> int:
+    """The replay buffer a live run needs: two chunks in flight (the one training and the next one's
+    first samples) of rows all ``--live-max-tokens`` long, through their planned fetch order."""
+    from trainer.data.plan import BatchPlan
+    from trainer.training.loop import planned_fetch_orders
+
+    rows = range(plans.chunk_rows)
+    held = [i for i in rows if plans.val_every and i % plans.val_every == plans.val_every - 1]
+    train = [i for i in rows if i not in set(held)]
+    common = dict(seed=loop_config.seed, epoch=0, total_seq_len=loop_config.total_seq_len)
+    plan = BatchPlan.build(
+        sample_ids=train,
+        lengths=[max_tokens] * len(train),
+        world_size=world_size * loop_config.grad_accum_steps,
+        reuse=loop_config.reuse,
+        reuse_window=loop_config.reuse_window,
+        **common,
+    )
+    val = (
+        BatchPlan.build(
+            sample_ids=held, lengths=[max_tokens] * len(held), world_size=world_size, shuffle=False, **common
+        )
+        if held
+        else None
+    )
+    nbytes = sample_nbytes(max_tokens, len(target.layer_ids), target.hidden_size, DTYPES[target.dtype])
+    [ids] = planned_fetch_orders(loop_config, [plan], val, rank=rank)
+    return 2 * peak_live_bytes(ids, lambda _: nbytes)
+
+
+def _live_loop_config(argv: list[str], loop_config: LoopConfig) -> LoopConfig:
+    """A live run trains until stopped: without --max-steps its learning rate stays constant after
+    warmup (--scheduler-type none), and without --epochs it takes every chunk that comes."""
+
+    def given(flag: str) -> bool:  # on the command line, whatever its value
+        return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+    changes = {}
+    if not given("--epochs"):
+        changes["epochs"] = LIVE_CHUNKS
+    if loop_config.max_steps is None:
+        if loop_config.scheduler_type != "none" and given("--scheduler-type"):
+            raise ValueError(
+                "live training without --max-steps has no end to decay the learning rate to: "
+                "use --scheduler-type none or give --max-steps"
+            )
+        changes["scheduler_type"] = "none"
+    if loop_config.time_budget_seconds is not None:
+        raise ValueError("--time-budget fits a planned schedule; live training has none (use --max-steps)")
+    return dataclasses.replace(loop_config, **changes)
+
+
 def _stream_config(
     args: argparse.Namespace, *, rank: int, planned_peak: int, local_rank: int | None = None
 ) -> StreamConfig:
@@ -513,14 +612,22 @@ def _stream_source(
     loop_config: LoopConfig,
     train_ids: list[int],
     val_ids: list[int],
+    live_plans=None,
 ):
     """This rank's live sample source: binds its endpoints and waits for producers."""
     from trainer.training.distributed import all_gather_text
 
     target = _target_spec(args, dataset, verifier_config, aux_ids)
-    [peak] = planned_peak_bytes(
-        loop_config, dataset, target, train_ids, val_ids, world_size=env.world_size, ranks=[env.rank]
-    )
+    if live_plans is None:
+        [peak] = planned_peak_bytes(
+            loop_config, dataset, target, train_ids, val_ids, world_size=env.world_size, ranks=[env.rank]
+        )
+        max_tokens = max(dataset.lengths(range(len(dataset))), default=0)
+    else:
+        peak = live_peak_bytes(
+            loop_config, target, live_plans, args.live_max_tokens, world_size=env.world_size, rank=env.rank
+        )
+        max_tokens = args.live_max_tokens
     config = _stream_config(args, rank=env.rank, local_rank=env.local_rank, planned_peak=peak)
     # Every rank's control endpoint, as producers dial it: any rank's Welcome lists them all, so a
     # producer needs only rank 0's address, wherever the other ranks run (torchrun --nnodes N).
@@ -533,7 +640,7 @@ def _stream_source(
         target,
         lengths=lambda sid: dataset.lengths([sid])[0],
         expected_row=dataset.row,
-        max_tokens=max(dataset.lengths(range(len(dataset))), default=0),
+        max_tokens=max_tokens,
     ).start()
     logger.info(
         "streaming: control %s, data %s, buffer %.1f MB (the plan holds at most %.1f MB at once)",
@@ -549,7 +656,9 @@ def check_stream_flags(argv: list[str], *, world_size: int) -> None:
     """What ``draftstream run`` checks before it starts producers: ``train``'s flags parse and
     validate, and every rank's replay buffer can hold its plan. Raises ``ValueError`` naming the
     flag (a flag that does not parse exits like ``train`` would)."""
-    from protocol.dataset import PreparedDataset
+    from protocol.dataset import open_rows
+    from protocol.trafficlog import TrafficLog
+    from trainer.data.live import LivePlans
     from trainer.data.sources import split_train_val
     from trainer.models.verifier import read_verifier_config
 
@@ -557,11 +666,28 @@ def check_stream_flags(argv: list[str], *, world_size: int) -> None:
     loop_config = config_from_args(LoopConfig, args, progress=False)
     verifier_config = read_verifier_config(args.verifier_name_or_path)
     aux_ids = aux_layer_ids(args.target_layer_ids, int(verifier_config["num_hidden_layers"]))
-    dataset = PreparedDataset(args.data_path)
-    train_ids, val_ids = split_train_val(len(dataset), val_ratio=_val_ratio(args), seed=args.seed)
+    dataset = open_rows(args.data_path, max_tokens=args.live_max_tokens)
     target = _target_spec(args, dataset, verifier_config, aux_ids)
     ranks = list(range(world_size))
-    peaks = planned_peak_bytes(loop_config, dataset, target, train_ids, val_ids, world_size=world_size, ranks=ranks)
+    if isinstance(dataset, TrafficLog):
+        loop_config = _live_loop_config(argv, loop_config)
+        plans = LivePlans(
+            dataset,
+            chunk_rows=args.live_chunk_rows,
+            val_every=args.live_val_every,
+            epochs=loop_config.epochs,
+            seed=loop_config.seed,
+            world_size=world_size,
+            logical_world_size=world_size * loop_config.grad_accum_steps,
+            total_seq_len=loop_config.total_seq_len,
+        )
+        peaks = [
+            live_peak_bytes(loop_config, target, plans, args.live_max_tokens, world_size=world_size, rank=r)
+            for r in ranks
+        ]
+    else:
+        train_ids, val_ids = split_train_val(len(dataset), val_ratio=_val_ratio(args), seed=args.seed)
+        peaks = planned_peak_bytes(loop_config, dataset, target, train_ids, val_ids, world_size=world_size, ranks=ranks)
     for rank, peak in zip(ranks, peaks):
         _stream_config(args, rank=rank, planned_peak=peak)
 

@@ -49,6 +49,7 @@ from producer.live.traffic import CaptureControls, LiveRow, TrafficQueue
 from protocol.cli import DefaultsHelpFormatter, config_defaults
 from protocol.logs import setup_logging
 from protocol.signals import StopSignals
+from protocol.trafficlog import create_log_id
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class RowWriter:
         self._lock = threading.Lock()
         if directory is not None:
             (directory / "rows").mkdir(parents=True, exist_ok=True)
+            create_log_id(directory)  # marks the folder as a traffic log (protocol.trafficlog)
             self._next_file = len(list((directory / "rows").glob("traffic-*.jsonl")))
 
     def drain(self, timeout: float = 0.5) -> int:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import signal
 import time
@@ -67,6 +68,10 @@ from trainer.training.metrics import RunLog, StepResult, expected_acceptance_len
 from trainer.training.optim import build_optimizers, build_schedulers, refresh_lrs, step_optimizers
 from trainer.training.state import TrainState
 from trainer.training.trackers import Tracker
+
+# A live run's nominal length without --max-steps: it trains until stopped (constant learning rate).
+LIVE_STEPS = 10**12
+LIVE_CHUNKS_FILE = "live_chunks.jsonl"  # per trained chunk of live traffic: rows trained, held out, dropped
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +160,7 @@ class Trainer:
         val_ids: Sequence[int] = (),
         save_draft: Callable[..., None] | None = None,
         run_config: dict | None = None,
+        plans: Sequence[BatchPlan] | None = None,
     ):
         self.model = model
         self.config = config
@@ -170,13 +176,18 @@ class Trainer:
         self.logical_world = env.world_size * config.grad_accum_steps
         self.logical_ranks = logical_ranks(env.rank, config.grad_accum_steps)
 
-        train_ids = [int(i) for i in train_ids]
-        if not train_ids:
-            raise ValueError("no training samples (check --data-path, --hidden-states-path and --val-ratio)")
-        self.plans = plan_epochs(config, train_ids, train_source.lengths(train_ids), env.world_size)
-        val_ids = [int(i) for i in val_ids]
-        self.val_plan = plan_validation(config, val_ids, self.val_source.lengths(val_ids), env.world_size)
-        planned = sum(p.num_steps for p in self.plans)
+        if plans is not None:  # live traffic: each epoch's plan (and validation) comes when its rows do
+            self.plans = plans
+            self.val_plan = None
+            planned = config.max_steps or LIVE_STEPS
+        else:
+            train_ids = [int(i) for i in train_ids]
+            if not train_ids:
+                raise ValueError("no training samples (check --data-path, --hidden-states-path and --val-ratio)")
+            self.plans = plan_epochs(config, train_ids, train_source.lengths(train_ids), env.world_size)
+            val_ids = [int(i) for i in val_ids]
+            self.val_plan = plan_validation(config, val_ids, self.val_source.lengths(val_ids), env.world_size)
+            planned = sum(p.num_steps for p in self.plans)
         self.total_steps = min(planned, config.max_steps) if config.max_steps else planned
         self.budget = (
             TimeBudget(config.time_budget_seconds, planned_steps=self.total_steps)
@@ -216,11 +227,24 @@ class Trainer:
 
     # ---- state ------------------------------------------------------------------------------
 
+    def _val_plan_for(self, epoch: int) -> BatchPlan | None:
+        """Epoch ``epoch``'s validation plan: the run's one, or (live traffic) its chunk's."""
+        val_plan = getattr(self.plans, "val_plan", None)
+        return self.val_plan if val_plan is None else val_plan(epoch)
+
+    def _plan_ready(self, epoch: int) -> bool:
+        """Whether epoch ``epoch``'s plan exists without waiting (live traffic may not have come yet)."""
+        ready = getattr(self.plans, "ready", None)
+        return ready is None or ready(epoch)
+
     def state_dict(self) -> dict:
-        plan = self.plans[min(self.state.epoch, len(self.plans) - 1)]
+        epoch = min(self.state.epoch, len(self.plans) - 1)
+        built = getattr(self.plans, "built", None)
+        plan = self.plans[epoch] if built is None else built(epoch)
         return {
             **self.state.state_dict(),
-            "plan": plan.describe(),
+            # a live run stopped while waiting for a chunk's traffic is at its step 0: nothing to check
+            "plan": plan.describe() if plan is not None else {"epoch": epoch, "fingerprint": ""},
             "rng": ckpt.capture_rng_state(),
             "run_config": {k: str(v) for k, v in self.run_config.items()},
         }
@@ -362,16 +386,17 @@ class Trainer:
     # ---- validation -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float] | None:
+    def validate(self, epoch: int = 0) -> dict[str, float] | None:
         """``val_loss``, ``val_{name}_{k}`` (``metrics.STEP_METRICS``) and ``val_accept_len``, over
         the validation plan; None without one. Raises ``_StoppedWaiting`` when a stop signal ended
         a rank's wait for validation data (every rank raises it at the same batch)."""
-        if self.val_plan is None:
+        val_plan = self._val_plan_for(epoch)
+        if val_plan is None:
             return None
         self.model.eval()
         sums: torch.Tensor | None = None
         names: list[str] = []
-        for step, [(_, ids)] in order.val_steps(self.val_plan, self.env.rank):
+        for step, [(_, ids)] in order.val_steps(val_plan, self.env.rank):
             try:
                 fetched = self.val_source.fetch(ids) if ids else FetchResult(samples=[])
             except StopRequested:
@@ -380,9 +405,7 @@ class Trainer:
                 raise _StoppedWaiting
             real = bool(fetched.samples)
             batch = (
-                pack(fetched.samples, self.val_plan.total_seq_len).to(self.device)
-                if real
-                else self.filler.to(self.device)
+                pack(fetched.samples, val_plan.total_seq_len).to(self.device) if real else self.filler.to(self.device)
             )
             out = self._forward(batch, self._generator("val", step, self.env.rank))
             n = float(out.num_loss_tokens) if real else 0.0
@@ -438,8 +461,12 @@ class Trainer:
 
     def _finish_epoch(self, epoch: int, *, force_save: bool) -> Path | None:
         started = time.monotonic()
-        values = self.validate()
+        values = self.validate(epoch)
         self.state.end_epoch(epoch, None if values is None else values["val_loss"])
+        summary = getattr(self.plans, "summary", None)
+        if summary is not None and self.env.is_main:  # live traffic: what became of the chunk's rows
+            with (self.save_path / LIVE_CHUNKS_FILE).open("a") as f:
+                f.write(json.dumps({**summary(epoch), "global_step": self.state.global_step}) + "\n")
         if values is not None:
             self._log.val(epoch, self.state.global_step, values)
         path = None
@@ -462,7 +489,8 @@ class Trainer:
         validation step."""
         if self._finish_seconds is not None:
             return self._finish_seconds
-        return (self.val_plan.num_steps if self.val_plan is not None else 0) * pace / 3
+        val_plan = self._val_plan_for(self.state.epoch) if self._plan_ready(self.state.epoch) else None
+        return (val_plan.num_steps if val_plan is not None else 0) * pace / 3
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -560,8 +588,8 @@ class Trainer:
         """A streaming source learns, in fetch order, what this process will fetch in ``epoch``:
         training from the cursor, then validation, which runs for every epoch the loop enters.
         (Under ``--time-budget`` it learns the whole plan: the fitted length may still grow.)"""
-        if epoch >= self.config.epochs or epoch in self._scheduled:
-            return
+        if epoch >= self.config.epochs or epoch in self._scheduled or not self._plan_ready(epoch):
+            return  # (a live chunk whose traffic has not come is scheduled when the loop reaches it)
         self._scheduled.add(epoch)
         s = self.state
         window = order.steps_to_train(
@@ -573,7 +601,7 @@ class Trainer:
         )
         if window is None:
             return  # the run ends before this epoch
-        val_plan = self.val_plan if self.val_source is self.train_source else None
+        val_plan = self._val_plan_for(epoch) if self.val_source is self.train_source else None
         ids = order.fetch_order(
             self.plans[epoch],
             self.logical_ranks,
@@ -596,12 +624,15 @@ class Trainer:
             with self.stop:
                 while self.state.epoch < cfg.epochs:
                     epoch = self.state.epoch
-                    plan = self.plans[epoch]
                     if self.state.epoch_complete:  # resumed from (or just wrote) this epoch's folder
                         self.state.next_epoch()
                         continue
                     if self._out_of_steps():
                         break
+                    try:
+                        plan = self.plans[epoch]  # live traffic: waits for the chunk's rows
+                    except StopRequested:
+                        return self._interrupted()
                     self._schedule_stream(epoch)
                     self._schedule_stream(epoch + 1)  # producers keep going through validation and the epoch turn
                     if self.state.step_in_epoch == 0:
