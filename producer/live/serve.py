@@ -54,6 +54,7 @@ from protocol.trafficlog import create_log_id
 log = logging.getLogger(__name__)
 
 SWAP_EXTENSION = "producer.live.swap.DraftSwap"
+_NOT_CANDIDATES = ("latest",)
 _OWNED_FLAGS = ("--host", "--port", "--worker-extension-cls")
 
 
@@ -204,14 +205,18 @@ def score_draft(checkpoint: str, rows: list[LiveRow], *, max_new_tokens: int, wo
 
 
 def candidates(directory: Path, seen: set[str]) -> list[Path]:
-    """Complete checkpoint folders under ``directory`` not seen yet, oldest first (names starting with
-    a dot are folders being written)."""
+    """Complete checkpoint folders under ``directory`` not seen yet, oldest first. Skipped: names
+    starting with a dot (being written), links, and a training's mid-epoch ``latest`` (rewritten in
+    place), so ``--drafts-dir`` can be a live training's ``--save-path``: each chunk's folder is a
+    candidate."""
     found = (
         [
             p
             for p in directory.iterdir()
             if p.is_dir()
+            and not p.is_symlink()
             and not p.name.startswith(".")
+            and p.name not in _NOT_CANDIDATES
             and str(p.resolve()) not in seen
             and (p / "config.json").is_file()
             and (p / "model.safetensors").is_file()
