@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 
 import pytest
 
@@ -45,6 +46,7 @@ def test_pipeline_bench_measures_four_modes_and_prints_a_json_line_last(capsys, 
     ):
         assert summary[key] is not None and math.isfinite(summary[key]) and summary[key] > 0, key
     assert 0 <= summary["stall_pct"] <= 100
-    assert 0 < result["cpu_capacity"]["effective_cores"] <= 2.5
+    # measured parallel capacity: noisy (2.76 once on 2 cores under load), but never far above the cores
+    assert 0 < result["cpu_capacity"]["effective_cores"] <= (os.cpu_count() or 1) + 1
     if importlib.util.find_spec("matplotlib") is not None:
         assert result["plot"] and (tmp_path / "bench" / "pipeline_streaming.png").is_file()
