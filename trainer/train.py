@@ -327,7 +327,6 @@ def main(argv: list[str] | None = None, *, make_file_source: Callable | None = N
     from protocol.logs import setup_logging
     from protocol.trafficlog import TrafficLog
     from trainer.data.batch import make_filler_batch
-    from trainer.data.live import LivePlans
     from trainer.data.sources import FileSampleSource, split_train_val
     from trainer.models.export import build_draft, load_draft, save_draft
     from trainer.models.verifier import read_verifier_config
@@ -354,18 +353,7 @@ def main(argv: list[str] | None = None, *, make_file_source: Callable | None = N
             live_plans = None
             if isinstance(dataset, TrafficLog):
                 loop_config = _live_loop_config(list(sys.argv[1:] if argv is None else argv), loop_config)
-                live_plans = LivePlans(
-                    dataset,
-                    chunk_rows=args.live_chunk_rows,
-                    val_every=args.live_val_every,
-                    epochs=loop_config.epochs,
-                    seed=loop_config.seed,
-                    world_size=env.world_size,
-                    logical_world_size=env.world_size * loop_config.grad_accum_steps,
-                    total_seq_len=loop_config.total_seq_len,
-                    reuse=loop_config.reuse,
-                    reuse_window=loop_config.reuse_window,
-                )
+                live_plans = _live_plans(args, loop_config, dataset, world_size=env.world_size)
                 train_ids, val_ids = [], []
             else:
                 train_ids, val_ids = split_train_val(len(dataset), val_ratio=_val_ratio(args), seed=args.seed)
@@ -559,6 +547,24 @@ def live_peak_bytes(
     return 2 * peak_live_bytes(ids, lambda _: nbytes)
 
 
+def _live_plans(args: argparse.Namespace, loop_config: LoopConfig, dataset, *, world_size: int):
+    """The chunk plans of a live run over traffic log ``dataset`` (``trainer.data.live``)."""
+    from trainer.data.live import LivePlans
+
+    return LivePlans(
+        dataset,
+        chunk_rows=args.live_chunk_rows,
+        val_every=args.live_val_every,
+        epochs=loop_config.epochs,
+        seed=loop_config.seed,
+        world_size=world_size,
+        logical_world_size=world_size * loop_config.grad_accum_steps,
+        total_seq_len=loop_config.total_seq_len,
+        reuse=loop_config.reuse,
+        reuse_window=loop_config.reuse_window,
+    )
+
+
 def _live_loop_config(argv: list[str], loop_config: LoopConfig) -> LoopConfig:
     """A live run trains until stopped: without --max-steps its learning rate stays constant after
     warmup (--scheduler-type none), and without --epochs it takes every chunk that comes."""
@@ -658,7 +664,6 @@ def check_stream_flags(argv: list[str], *, world_size: int) -> None:
     flag (a flag that does not parse exits like ``train`` would)."""
     from protocol.dataset import open_rows
     from protocol.trafficlog import TrafficLog
-    from trainer.data.live import LivePlans
     from trainer.data.sources import split_train_val
     from trainer.models.verifier import read_verifier_config
 
@@ -671,16 +676,7 @@ def check_stream_flags(argv: list[str], *, world_size: int) -> None:
     ranks = list(range(world_size))
     if isinstance(dataset, TrafficLog):
         loop_config = _live_loop_config(argv, loop_config)
-        plans = LivePlans(
-            dataset,
-            chunk_rows=args.live_chunk_rows,
-            val_every=args.live_val_every,
-            epochs=loop_config.epochs,
-            seed=loop_config.seed,
-            world_size=world_size,
-            logical_world_size=world_size * loop_config.grad_accum_steps,
-            total_seq_len=loop_config.total_seq_len,
-        )
+        plans = _live_plans(args, loop_config, dataset, world_size=world_size)
         peaks = [
             live_peak_bytes(loop_config, target, plans, args.live_max_tokens, world_size=world_size, rank=r)
             for r in ranks
